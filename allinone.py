@@ -1,0 +1,486 @@
+"""
+All in One: Exploring Unified Video-Language Pre-training (Wang et al., CVPR 2023).
+Paper: https://arxiv.org/abs/2203.07303   Official code: https://github.com/showlab/all-in-one
+
+One transformer reads raw video patches and text tokens together. Each sampled frame forms its own
+sequence [text | frame tokens]; before every block a share of each frame's tokens is exchanged with the
+previous and next frame (temporal token rolling), so frames see each other at no extra parameters or
+FLOPs. Outputs are averaged over frames.
+
+This file: config and presets, temporal rolling, the model (embeddings, blocks, heads), the losses
+(VTM, MLM, contrastive) and loading of official checkpoints.
+
+Shape letters, used everywhere:
+  b batch   t frames   n video tokens per frame (video [CLS] included)   l text length   d width
+  h heads   e head width   s sequence length   v vocabulary
+Videos are (b, t, c, H, W) float tensors in [-1, 1] (mean 0.5, std 0.5 per channel).
+"""
+
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange, reduce, repeat
+
+# BERT uncased special tokens: what official checkpoints were trained with.
+PAD_ID, CLS_ID, SEP_ID, MASK_ID = 0, 101, 102, 103
+
+# -----------------------------------------------------------------------------
+# Config and presets
+
+
+@dataclass(frozen=True)
+class Config:
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: int = 4
+    frames: int = 3
+    image_size: int = 224
+    patch_size: int = 16
+    max_text_len: int = 40
+    vocab_size: int = 30522
+    fold_div: int = 8  # 1/fold_div of each frame's tokens come from the previous frame, as many from the next
+    temporal: str = "roll"  # roll (the paper) | none (frames independent) | flatten (one sequence for all frames)
+    video_only_temporal: bool = False  # also apply `temporal` in the video-only pass (the official code does not)
+    dropout: float = 0.1
+    contrastive_dim: int = 512
+    num_answers: int = 0  # > 0 adds the open-ended QA classifier
+
+    def __post_init__(self):
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.temporal not in ("roll", "none", "flatten"):
+            raise ValueError(f"temporal must be 'roll', 'none' or 'flatten', not {self.temporal!r}")
+        if self.temporal == "roll":
+            roll_fold(self.tokens_per_frame, self.fold_div)  # raises if this image size cannot be rolled
+
+    @property
+    def tokens_per_frame(self):  # n: patches + the video [CLS]
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    @classmethod
+    def preset(cls, name, **overrides):
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS = {
+    # the three sizes of the paper (parameters counted with the MLM head and BERT's 30,522-word vocabulary;
+    # the paper counts 12M / 33M / 110M without them)
+    "tiny": dict(dim=192, depth=12, heads=3),  # 17M, All-in-one-Ti from DeiT-Ti
+    "small": dict(dim=384, depth=12, heads=6),  # 45M, All-in-one-S from DeiT-S
+    "base": dict(dim=768, depth=12, heads=12),  # 133M, All-in-one-B from ViT-B/16
+    # trains in minutes on a laptop CPU (train_tiny.py): 32 px frames of 8 px patches, a small vocabulary
+    "nano": dict(dim=64, depth=4, heads=4, frames=4, image_size=32, patch_size=8, max_text_len=16, vocab_size=64),  # 0.2M
+}
+
+# -----------------------------------------------------------------------------
+# Temporal token rolling (pure functions)
+
+
+def roll_fold(n, fold_div):
+    """How many tokens of an n-token frame move each way; refuses sizes where nothing (or everything) would move."""
+    fold = n // fold_div
+    if fold < 1 or 2 * fold >= n:
+        raise ValueError(
+            f"temporal rolling needs 1 <= {n} // fold_div < {n} / 2 tokens per frame, got fold_div={fold_div} "
+            f"({n} tokens per frame): use a larger image, a smaller patch or another fold_div"
+        )
+    return fold
+
+
+def temporal_roll(x, fold_div=8):
+    """Exchange a share of each frame's tokens with the neighbouring frames. x: (b, t, n, d) video tokens.
+
+    With fold = n // fold_div, for every frame i (indices wrap around, so frame 0's neighbour is frame t-1):
+
+        slot:       0      1 .. fold        fold+1 .. n-fold-1     n-fold .. n-1
+        out[:, i] = CLS_i  tokens of i-1    tokens of i (stay)     tokens of i+1
+
+        frame 0: [C0 | p2 p2 | a0 a0 a0 | n1 n1]     (C = video [CLS], p = previous, a = own, n = next)
+        frame 1: [C1 | p0 p0 | a1 a1 a1 | n2 n2]
+        frame 2: [C2 | p1 p1 | a2 a2 a2 | n0 n0]
+
+    A permutation: nothing is added or lost, so the block after it costs the same FLOPs. Unlike TSM's shift, which
+    moves channels of every position and zero-fills the ends, this moves whole tokens and wraps around.
+    """
+    n = x.shape[2]
+    fold = roll_fold(n, fold_div)
+    cls, prev, own, nxt = x.split([1, fold, n - 1 - 2 * fold, fold], dim=2)
+    return torch.cat([cls, prev.roll(1, dims=1), own, nxt.roll(-1, dims=1)], dim=2)
+
+
+# -----------------------------------------------------------------------------
+# Modules
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads, dropout):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, mask=None):  # x (b, s, d); mask (b, 1, 1, s), True = may be attended to
+        q, k, v = rearrange(self.qkv(x), "b s (k h e) -> k b h s e", k=3, h=self.heads)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale e ** -0.5
+        return F.dropout(self.proj(rearrange(x, "b h s e -> b s (h e)")), self.dropout, self.training)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden, dropout):
+        super().__init__()
+        self.dropout = dropout
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        x = F.dropout(F.gelu(self.fc1(x)), self.dropout, self.training)
+        return F.dropout(self.fc2(x), self.dropout, self.training)
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block, as in DeiT / ViT-B/16 (the models All-in-One starts from)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=1e-6)
+        self.attn = Attention(cfg.dim, cfg.heads, cfg.dropout)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=1e-6)
+        self.mlp = MLP(cfg.dim, cfg.mlp_ratio * cfg.dim, cfg.dropout)
+
+    def forward(self, x, mask=None):
+        x = x + self.attn(self.norm1(x), mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class TextEmbedding(nn.Module):
+    """BERT's embedding: word + position + token type 0, then LayerNorm."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.word = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.pos = nn.Embedding(cfg.max_text_len, cfg.dim)
+        self.segment = nn.Embedding(2, cfg.dim)  # BERT's token type (segment) embedding; only row 0 is used
+        self.norm = nn.LayerNorm(cfg.dim, eps=1e-12)
+        self.dropout = cfg.dropout
+
+    def forward(self, ids):  # (b, l) -> (b, l, d)
+        x = self.word(ids) + self.pos.weight[: ids.shape[1]] + self.segment.weight[0]
+        return F.dropout(self.norm(x), self.dropout, self.training)
+
+
+class VideoEmbedding(nn.Module):
+    """Per-frame 16x16 patches in raster order, plus spatial and temporal position; a video [CLS] goes first."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.patch = nn.Conv2d(3, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
+        self.cls = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.pos = nn.Parameter(torch.zeros(1, cfg.tokens_per_frame, cfg.dim))  # [CLS] then patches
+        self.temporal = nn.Parameter(torch.zeros(1, cfg.frames, cfg.dim))
+        self.dropout = cfg.dropout
+
+    def forward(self, video):  # (b, t, c, H, W) -> (b, t, n, d)
+        b, t = video.shape[:2]
+        x = rearrange(self.patch(video.flatten(0, 1)), "(b t) d gh gw -> b t (gh gw) d", b=b)
+        x = x + self.pos[:, None, 1:] + self.temporal[0, :t, None]  # each patch: where it is, and when
+        cls = repeat(self.cls + self.pos[:, :1], "1 1 d -> b t 1 d", b=b, t=t)  # no temporal embedding on [CLS]
+        return F.dropout(torch.cat([cls, x], dim=2), self.dropout, self.training)
+
+
+class MLMHead(nn.Module):
+    """BERT's prediction head: dense, GELU, LayerNorm, decoder (not tied to the word embeddings)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.dense = nn.Linear(cfg.dim, cfg.dim)
+        self.norm = nn.LayerNorm(cfg.dim, eps=1e-12)
+        self.decoder = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, x):  # (b, l, d) -> (b, l, v)
+        return self.decoder(self.norm(F.gelu(self.dense(x)))) + self.bias
+
+
+class Output(NamedTuple):
+    text: Optional[torch.Tensor]  # (b, l, d)   frame-averaged text tokens
+    video: Optional[torch.Tensor]  # (b, n, d)   frame-averaged video tokens, [CLS] first
+    pooled: torch.Tensor  # (b, d)      tanh(dense(first token)): the text [CLS], or the video [CLS] when video only
+
+
+class AllInOne(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.text_embed = TextEmbedding(cfg)
+        self.video_embed = VideoEmbedding(cfg)
+        self.modality = nn.Embedding(2, d)  # 0 text, 1 video
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(d, eps=1e-6)
+        self.pooler = nn.Linear(d, d)
+        self.vtm_head = nn.Linear(d, 2)  # video-text matching; row 1 = "match"
+        self.mlm_head = MLMHead(cfg)
+        self.text_proj = nn.Linear(d, cfg.contrastive_dim)  # contrastive projections of the unimodal [CLS]
+        self.video_proj = nn.Linear(d, cfg.contrastive_dim)
+        if cfg.num_answers:  # open-ended QA: a classifier over the answer vocabulary, on the pooled feature
+            h = d // 2
+            self.qa_head = nn.Sequential(nn.Dropout(0.5), nn.Linear(d, h), nn.LayerNorm(h), nn.GELU(), nn.Linear(h, cfg.num_answers))
+        self.apply(self._init)
+        for p in (self.video_embed.cls, self.video_embed.pos, self.video_embed.temporal):
+            nn.init.trunc_normal_(p, std=0.02)
+
+    @staticmethod
+    def _init(m):  # as the official code: N(0, 0.02) weights, zero biases, unit LayerNorms
+        if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv2d)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    # --- inputs
+
+    def embed_text(self, ids, mask):  # (b, l) -> (b, l, d), key mask (b, 1, 1, l)
+        if ids.ndim != 2 or ids.shape != mask.shape:
+            raise ValueError(f"text_ids and text_mask must both be (b, l), got {tuple(ids.shape)} and {tuple(mask.shape)}")
+        if ids.shape[1] > self.cfg.max_text_len:
+            raise ValueError(f"text length {ids.shape[1]} is longer than the position table ({self.cfg.max_text_len})")
+        x = self.text_embed(ids) + self.modality.weight[0]
+        return x, rearrange(mask.bool(), "b l -> b 1 1 l")
+
+    def embed_video(self, video):  # (b, t, c, H, W) -> (b, t, n, d)
+        cfg = self.cfg
+        if video.ndim != 5 or video.shape[2] != 3:
+            raise ValueError(f"video must be (b, t, 3, H, W), got {tuple(video.shape)}")
+        if video.shape[3] % cfg.patch_size or video.shape[4] % cfg.patch_size:
+            raise ValueError(f"video frames {tuple(video.shape[3:])} are not a multiple of the {cfg.patch_size} px patch")
+        if video.shape[3:] != (cfg.image_size, cfg.image_size):
+            raise ValueError(f"video frames are {tuple(video.shape[3:])}, the model's position table is for {cfg.image_size} px")
+        if video.shape[1] > cfg.frames:
+            raise ValueError(f"{video.shape[1]} frames, but the temporal embedding has {cfg.frames}")
+        return self.video_embed(video) + self.modality.weight[1]
+
+    # --- the transformer over per-frame sequences
+
+    def run_frames(self, x, mask, l, roll):
+        """Blocks over (b, t, s, d) per-frame sequences whose first l tokens are text; the rest rolls between
+        frames before every block when `roll`. Returns the final-normed tokens averaged over frames: (b, s, d)."""
+        t = x.shape[1]
+        x = rearrange(x, "b t s d -> (b t) s d")
+        if mask is not None:
+            mask = repeat(mask, "b 1 1 s -> (b t) 1 1 s", t=t)
+        for block in self.blocks:
+            if roll:  # Sec. 3.2: exchange tokens with the neighbouring frames; the text stays where it is
+                video = rearrange(x[:, l:], "(b t) n d -> b t n d", t=t)
+                x = torch.cat([x[:, :l], rearrange(temporal_roll(video, self.cfg.fold_div), "b t n d -> (b t) n d")], 1)
+            x = block(x, mask)
+        return reduce(self.norm(x), "(b t) s d -> b s d", "mean", t=t)  # average the frames' views of each token
+
+    def run_flat(self, text, video, mask):
+        """Ablation `flatten`: the text once, then every frame's tokens, all in one sequence."""
+        t, l = video.shape[1], 0 if text is None else text.shape[1]
+        x = rearrange(video, "b t n d -> b (t n) d")
+        if text is not None:
+            x = torch.cat([text, x], 1)
+            mask = F.pad(mask, (0, x.shape[1] - l), value=True)
+        for block in self.blocks:
+            x = block(x, mask)
+        x = self.norm(x)
+        return torch.cat([x[:, :l], reduce(x[:, l:], "b (t n) d -> b n d", "mean", t=t)], 1)
+
+    def pool(self, x):  # first token -> (b, d)
+        return torch.tanh(self.pooler(x[:, 0]))
+
+    # --- the three passes
+
+    def forward(self, video, text_ids, text_mask):
+        """Joint pass. video (b, t, 3, H, W) in [-1, 1]; text_ids, text_mask (b, l). Returns Output(text, video, pooled)."""
+        text, mask = self.embed_text(text_ids, text_mask)  # (b, l, d)
+        video = self.embed_video(video)  # (b, t, n, d)
+        if video.shape[0] != text.shape[0]:
+            raise ValueError(f"batch sizes disagree: video has {video.shape[0]} clips, text has {text.shape[0]} rows")
+        b, t, n, d = video.shape
+        l = text.shape[1]
+        if self.cfg.temporal == "flatten":
+            x = self.run_flat(text, video, mask)
+        else:  # Sec. 3.1: one sequence [text | frame] per frame, padded text masked as keys only
+            x = torch.cat([repeat(text, "b l d -> b t l d", t=t), video], dim=2)  # (b, t, l+n, d)
+            x = self.run_frames(x, F.pad(mask, (0, n), value=True), l, roll=self.cfg.temporal == "roll")
+        return Output(text=x[:, :l], video=x[:, l:], pooled=self.pool(x))
+
+    def encode_text(self, text_ids, text_mask):
+        """Text alone, once (the official code repeats it per frame; every copy is the same). -> Output(text, None, pooled)"""
+        x, mask = self.embed_text(text_ids, text_mask)
+        x = self.run_frames(x[:, None], mask, l=x.shape[1], roll=False)
+        return Output(text=x, video=None, pooled=self.pool(x))
+
+    def encode_video(self, video):
+        """Video alone: frames run independently, as in the official code, unless cfg.video_only_temporal."""
+        x = self.embed_video(video)
+        temporal = self.cfg.temporal if self.cfg.video_only_temporal else "none"
+        if temporal == "flatten":
+            x = self.run_flat(None, x, None)
+        else:
+            x = self.run_frames(x, None, l=0, roll=temporal == "roll")
+        return Output(text=None, video=x, pooled=self.pool(x))
+
+    # --- downstream scores
+
+    def match_score(self, pooled):  # (b, d) -> (b,): the VTM "match" logit, for multiple choice and re-ranking
+        return F.linear(pooled, self.vtm_head.weight[1:], self.vtm_head.bias[1:])[:, 0]
+
+    # --- official checkpoints
+
+    @classmethod
+    def from_official(cls, ckpt, frames=None, heads=None, **overrides):
+        """Build a model from an official checkpoint: a path to a Lightning .ckpt (weights under "state_dict") or a
+        plain state dict file, or an in-memory state dict. The config is read from the tensor shapes; heads defaults
+        to dim / 64 (all official sizes). `frames` other than the checkpoint's crops or zero-pads the temporal
+        embedding, as the official loader does. Returns the model in eval mode."""
+        raw = _read_checkpoint(ckpt)
+        names = {_our_name(k): k for k in raw}  # ours -> the checkpoint's, to report keys as the file names them
+        state = {ours: raw[k] for ours, k in names.items()}
+        missing = [k for k in SHAPE_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"checkpoint lacks backbone weights: {', '.join(missing)}")
+        word, patch = state["text_embed.word.weight"], state["video_embed.patch.weight"]
+        dim, ckpt_frames = word.shape[1], state["video_embed.temporal"].shape[1]
+        cfg = Config(
+            dim=dim,
+            depth=len({k.split(".")[1] for k in state if k.startswith("blocks.")}),
+            heads=heads or dim // 64,
+            mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] // dim,
+            frames=frames or ckpt_frames,
+            image_size=math.isqrt(state["video_embed.pos"].shape[1] - 1) * patch.shape[-1],
+            patch_size=patch.shape[-1],
+            max_text_len=state["text_embed.pos.weight"].shape[0],
+            vocab_size=word.shape[0],
+            contrastive_dim=state["text_proj.weight"].shape[0] if "text_proj.weight" in state else Config.contrastive_dim,
+            num_answers=state["qa_head.4.weight"].shape[0] if "qa_head.4.weight" in state else 0,
+            **overrides,
+        )
+        if cfg.frames != ckpt_frames:  # crop, or pad with zeros, the temporal embedding
+            temporal = state["video_embed.temporal"][:, : cfg.frames]
+            state["video_embed.temporal"] = F.pad(temporal, (0, 0, 0, cfg.frames - temporal.shape[1]))
+            warnings.warn(f"checkpoint has {ckpt_frames} frames, model has {cfg.frames}: temporal embedding "
+                          f"{'cropped' if cfg.frames < ckpt_frames else 'zero-padded'}")
+        model = cls(cfg)
+        expected = model.state_dict()
+        missing = [k for k in expected if k not in state and not k.startswith(HEADS)]
+        if missing:
+            raise ValueError(f"checkpoint lacks backbone weights: {', '.join(missing)}")
+        extra = [names[k] for k in state if k not in expected]
+        if extra:
+            warnings.warn(f"ignored checkpoint entries (not part of this model): {', '.join(extra)}")
+        fresh = [k for k in expected if k not in state]
+        if fresh:
+            warnings.warn(f"heads not in the checkpoint, left freshly initialised: {', '.join(fresh)}")
+        model.load_state_dict({**expected, **{k: v for k, v in state.items() if k in expected}})
+        return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# Losses (pure functions of tensors)
+
+
+def mlm_mask(ids, mask, vocab_size, prob=0.15, mask_id=MASK_ID, special_ids=(PAD_ID, CLS_ID, SEP_ID), generator=None):
+    """BERT masking. Picks `prob` of the real (mask == 1), non-special tokens; of those 80% become [MASK], 10% a random
+    token, 10% stay. Returns (masked ids, labels) with labels -100 everywhere but the picked positions."""
+    def rand(p):
+        return torch.rand(ids.shape, generator=generator, device=ids.device) < p
+
+    can = mask.bool() & ~torch.isin(ids, torch.tensor(special_ids, device=ids.device))
+    picked = can & rand(prob)
+    to_mask = picked & rand(0.8)
+    to_random = picked & ~to_mask & rand(0.5)  # half of the remaining 20%
+    random_ids = torch.randint(vocab_size, ids.shape, generator=generator, device=ids.device)
+    out = torch.where(to_mask, torch.full_like(ids, mask_id), torch.where(to_random, random_ids, ids))
+    return out, torch.where(picked, ids, torch.full_like(ids, -100))
+
+
+def mlm_loss(logits, labels):  # (b, l, v), (b, l) with -100 = not predicted
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def vtm_batch(video, generator=None):
+    """Half of the pairs keep their clip (label 1); the other half get another clip of the batch (label 0).
+    video (b, ...) -> (video for each caption, labels (b,))"""
+    b = video.shape[0]
+    if b < 2:
+        raise ValueError("VTM needs a batch of at least 2 clips to build mismatched pairs")
+    labels = (torch.randperm(b, generator=generator) < b // 2).long()  # a random half matched
+    other = (torch.arange(b) + torch.randint(1, b, (b,), generator=generator)) % b  # any clip but its own
+    idx = torch.where(labels.bool(), torch.arange(b), other)
+    return video[idx.to(video.device)], labels.to(video.device)
+
+
+def vtm_loss(logits, labels):  # (b, 2), (b,)
+    return F.cross_entropy(logits, labels)
+
+
+def contrastive_loss(text_emb, video_emb, temperature=0.05):
+    """Symmetric InfoNCE over cosine similarities: row i of text and of video are a pair. (b, k), (b, k) -> scalar"""
+    logits = F.normalize(text_emb, dim=-1) @ F.normalize(video_emb, dim=-1).T / temperature  # (b, b)
+    target = torch.arange(len(logits), device=logits.device)
+    return F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)
+
+
+# -----------------------------------------------------------------------------
+# Official checkpoints: their key names, and reading the file
+
+OFFICIAL_NAMES = {  # official prefix -> ours
+    "text_embeddings.word_embeddings": "text_embed.word",
+    "text_embeddings.position_embeddings": "text_embed.pos",
+    "text_embeddings.token_type_embeddings": "text_embed.segment",
+    "text_embeddings.LayerNorm": "text_embed.norm",
+    "token_type_embeddings": "modality",
+    "transformer.patch_embed.proj": "video_embed.patch",
+    "transformer.cls_token": "video_embed.cls",
+    "transformer.pos_embed": "video_embed.pos",
+    "transformer.temporal_embed": "video_embed.temporal",
+    "transformer.blocks": "blocks",
+    "transformer.norm": "norm",
+    "pooler.dense": "pooler",
+    "itm_score.fc": "vtm_head",
+    "mlm_score.transform.dense": "mlm_head.dense",
+    "mlm_score.transform.LayerNorm": "mlm_head.norm",
+    "mlm_score.decoder": "mlm_head.decoder",
+    "mlm_score.bias": "mlm_head.bias",
+    "txt_proj": "text_proj",
+    "vid_proj": "video_proj",
+    "vqa_classifier": "qa_head",
+}
+SHAPE_KEYS = [  # what the config is read from
+    "text_embed.word.weight", "text_embed.pos.weight", "video_embed.patch.weight", "video_embed.pos",
+    "video_embed.temporal", "blocks.0.mlp.fc1.weight",
+]
+HEADS = ("vtm_head.", "mlm_head.", "text_proj.", "video_proj.", "qa_head.")  # may be absent: left freshly initialised
+
+
+def _our_name(key):
+    for old, new in OFFICIAL_NAMES.items():
+        if key == old or key.startswith(old + "."):
+            return new + key[len(old):]
+    return key  # not an official name: reported as extra unless it is already ours
+
+
+def _read_checkpoint(ckpt):
+    if not isinstance(ckpt, Mapping):
+        try:
+            ckpt = torch.load(ckpt, map_location="cpu", weights_only=True)
+        except Exception as e:  # Lightning checkpoints may pickle their hyper-parameters as Python objects
+            if "weights_only" not in str(e):
+                raise
+            warnings.warn(f"{ckpt} holds pickled Python objects besides tensors; loading it in full (trusted file)")
+            ckpt = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = ckpt.get("state_dict", ckpt)
+    return {k.removeprefix("module."): v for k, v in state.items() if torch.is_tensor(v)}
