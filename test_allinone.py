@@ -290,6 +290,7 @@ def test_mlm_loss_only_counts_picked_positions():
     expected = (torch.nn.functional.cross_entropy(logits[0, 1], torch.tensor(4)) +
                 torch.nn.functional.cross_entropy(logits[1, 3], torch.tensor(7))) / 2
     assert torch.allclose(mlm_loss(logits, labels), expected)
+    assert mlm_loss(logits, torch.full((2, 5), -100)) == 0  # nothing masked: no loss, no NaN
 
 
 def test_contrastive_loss_small_for_matched_large_for_shuffled():
