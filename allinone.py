@@ -74,13 +74,13 @@ class Config:
 
 
 PRESETS = {
-    # the three sizes of the paper (parameters counted with the MLM head and BERT's 30,522-word vocabulary;
-    # the paper counts 12M / 33M / 110M without them)
-    "tiny": dict(dim=192, depth=12, heads=3),  # 17M, All-in-one-Ti from DeiT-Ti
-    "small": dict(dim=384, depth=12, heads=6),  # 45M, All-in-one-S from DeiT-S
-    "base": dict(dim=768, depth=12, heads=12),  # 133M, All-in-one-B from ViT-B/16
+    # the paper's sizes; parameters counted with the VTM/MLM heads and contrastive projections (the paper's counts,
+    # 12M / 33M / 110M, leave those out: 11.4M / 33.6M / 109.9M here)
+    "tiny": dict(dim=192, depth=12, heads=3),  # 17.6M, All-in-one-Ti, from DeiT-Ti
+    "small": dict(dim=384, depth=12, heads=6),  # 45.9M, All-in-one-S, from DeiT-S
+    "base": dict(dim=768, depth=12, heads=12),  # 134.7M, All-in-one-B, from ViT-B/16
     # trains in minutes on a laptop CPU (train_tiny.py): 32 px frames of 8 px patches, a small vocabulary
-    "nano": dict(dim=64, depth=4, heads=4, frames=4, image_size=32, patch_size=8, max_text_len=16, vocab_size=64),  # 0.2M
+    "nano": dict(dim=64, depth=4, heads=4, frames=4, image_size=32, patch_size=8, max_text_len=16, vocab_size=64),  # 0.3M
 }
 
 # -----------------------------------------------------------------------------
@@ -180,7 +180,8 @@ class TextEmbedding(nn.Module):
 
 
 class VideoEmbedding(nn.Module):
-    """Per-frame 16x16 patches in raster order, plus spatial and temporal position; a video [CLS] goes first."""
+    """Each frame cut into patches (16x16 px in the paper) in raster order, plus spatial and temporal position
+    embeddings; a video [CLS] goes first, with a spatial but no temporal embedding."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -430,10 +431,16 @@ def vtm_loss(logits, labels):  # (b, 2), (b,)
     return F.cross_entropy(logits, labels)
 
 
-def contrastive_loss(text_emb, video_emb, temperature=0.05):
-    """Symmetric InfoNCE over cosine similarities: row i of text and of video are a pair. (b, k), (b, k) -> scalar"""
+def contrastive_loss(text_emb, video_emb, temperature=0.05, labels=None):
+    """Symmetric InfoNCE over cosine similarities: row i of text and of video are a pair. (b, k), (b, k) -> scalar.
+    labels (b,), optional: rows with the same label are all pairs of each other (several clips of one caption), the
+    target spread evenly over them; without, as in the official code, only the diagonal is."""
     logits = F.normalize(text_emb, dim=-1) @ F.normalize(video_emb, dim=-1).T / temperature  # (b, b)
-    target = torch.arange(len(logits), device=logits.device)
+    if labels is None:
+        target = torch.arange(len(logits), device=logits.device)
+    else:
+        same = (labels[:, None] == labels[None, :]).float()
+        target = same / same.sum(1, keepdim=True)  # symmetric, so it serves both directions
     return F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)
 
 

@@ -1,5 +1,6 @@
 """Tests for allinone.py and train_tiny.py. Quick, CPU only: python -m pytest -q test_allinone.py"""
 
+import contextlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -330,3 +331,403 @@ def test_match_score_is_the_vtm_match_logit():
     model = small_model().eval()
     pooled = torch.randn(3, 32)
     assert torch.allclose(model.match_score(pooled), model.vtm_head(pooled)[:, 1])
+
+
+# =====================================================================================================================
+# train_tiny.py: synthetic data, metrics, checkpoints, options, DDP
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import train_tiny as tt  # noqa: E402
+
+QUICK = ["--batch", "8", "--vtm-clips", "4", "--mlm-clips", "2", "--eval-clips", "16", "--log-every", "1",
+         "--warmup", "2", "--device", "cpu"]
+
+
+def test_caption_grammar_and_time_variants():
+    assert len(tt.CAPTIONS) == 4 * 3 * 6
+    i = tt.CAPTIONS.index(("red", "circle", "moves left"))
+    variants = tt.time_variants(i)
+    assert variants[0] == i and tt.CAPTIONS[variants[1]] == ("red", "circle", "moves right")
+    assert len(set(variants)) == 6 and all(tt.CAPTIONS[j][:2] == ("red", "circle") for j in variants)
+    tok = tt.make_tokenizer("", [tt.caption_text(i) for i in range(len(tt.CAPTIONS))])
+    assert tok.encode("A red circle moves left").tokens == ["[CLS]", "a", "red", "circle", "moves", "left", "[SEP]"]
+    assert tok.get_vocab_size() == 5 + 15 and tok.token_to_id("[UNK]") not in tok.encode(tt.caption_text(i)).ids
+
+
+def test_bert_vocab_tokenizer(tmp_path):
+    words = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "ball",
+                                                               "roll", "##s", ","]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    tok = tt.make_tokenizer(tmp_path / "vocab.txt", [])
+    assert tok.encode("A red ball, rolls").tokens == ["[CLS]", "a", "red", "ball", ",", "roll", "##s", "[SEP]"]
+    assert [tok.token_to_id(t) for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]")] == [PAD_ID, CLS_ID, SEP_ID, MASK_ID]
+    (tmp_path / "words.txt").write_text("a\nred\n")
+    with pytest.raises(ValueError, match="lacks the special tokens"):
+        tt.make_tokenizer(tmp_path / "words.txt", [])
+
+
+def test_render_moves_the_shape_the_way_the_caption_says():
+    g = torch.Generator().manual_seed(0)
+    names = [("red", "square", m) for m in tt.MOTIONS]
+    video = tt.render([tt.CAPTIONS.index(c) for c in names], 4, 32, g)
+    assert video.shape == (6, 4, 3, 32, 32) and video.min() >= -1 and video.max() <= 1
+    red = (video[:, :, 0] > 0.4) & (video[:, :, 1] < -0.2)  # (clip, frame, y, x)
+    grid = torch.arange(32.0)
+    for clip, (_, _, motion) in enumerate(names):
+        present = red[clip].flatten(1).any(1)
+        xs = [(grid[None, :] * red[clip, t]).sum() / red[clip, t].sum() for t in range(4) if present[t]]
+        ys = [(grid[:, None] * red[clip, t]).sum() / red[clip, t].sum() for t in range(4) if present[t]]
+        if motion == "moves left":
+            assert xs[0] > xs[-1] + 5
+        if motion == "moves right":
+            assert xs[-1] > xs[0] + 5
+        if motion == "moves up":
+            assert ys[0] > ys[-1] + 5
+        if motion == "moves down":
+            assert ys[-1] > ys[0] + 5
+        if motion == "appears":
+            assert not present[0] and present[-1]
+        if motion == "disappears":
+            assert present[0] and not present[-1]
+
+
+def test_recall_and_multiple_choice_on_hand_made_matrices():
+    sim = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.1, 0.8], [0.5, 0.4, 0.3]])  # 3 queries, 3 items
+    labels = torch.tensor([0, 1, 2])
+    assert tt.recall_at_k(sim, labels, labels, 1) == pytest.approx(1 / 3)  # only query 0 ranks its item first
+    assert tt.recall_at_k(sim, labels, labels, 2) == pytest.approx(1 / 3)  # query 1's item is 3rd, query 2's too
+    assert tt.recall_at_k(sim, labels, labels, 3) == 1
+    items = torch.tensor([1, 0, 0])  # a hit is any item with the query's label
+    assert tt.recall_at_k(sim, torch.tensor([1, 0, 0]), items, 1) == pytest.approx(2 / 3)
+    scores = torch.tensor([[3.0, 1, 0, 0], [0, 2, 1, 0], [5, 1, 1, 6]])
+    assert tt.multiple_choice_acc(scores, torch.tensor([0, 1, 0])) == pytest.approx(2 / 3)
+
+
+def tiny_setup(**kw):
+    opts = tt.Options(batch=16, vtm_clips=8, mlm_clips=4, **kw)
+    tok = tt.make_tokenizer("", [tt.caption_text(i) for i in range(len(tt.CAPTIONS))])
+    cfg = Config.preset("nano", vocab_size=tok.get_vocab_size(), video_only_temporal=True, dropout=0.0)
+    text = tt.Text(tok, cfg.max_text_len)
+    torch.manual_seed(0)
+    return opts, cfg, text, AllInOne(cfg), tt.Synthetic(cfg, text, opts, torch.device("cpu"))
+
+
+def test_loss_goes_down_on_a_fixed_batch():
+    opts, cfg, text, model, data = tiny_setup()
+    objective = tt.Objective(model, opts.temperature)
+    batch = data.batch(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(40):
+        out = objective(batch)
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append({k: v.item() for k, v in out.items()})
+    for k in ("loss", "vtm", "mlm", "bank", "itc"):
+        assert losses[-1][k] < 0.8 * losses[0][k], (k, losses[0][k], losses[-1][k])
+
+
+def test_synthetic_batches_are_deterministic_and_held_out_is_new():
+    opts, cfg, text, model, data = tiny_setup()
+    a, b = data.batch(3), data.batch(3)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(data.batch(4)["video"], a["video"])
+    assert a["vtm_labels"].sum() == 4 and len(a["vtm_ids"]) == 8 and len(a["mlm_ids"]) == 4
+    held = data.held_out()
+    assert held["video"].shape == (opts.eval_clips, 4, 3, 32, 32)
+    assert (held["options_ids"][:, 0] == held["ids"]).all()
+
+
+def test_evaluate_reports_every_metric_in_range():
+    opts, cfg, text, model, data = tiny_setup(eval_clips=24)
+    metrics = tt.evaluate(model, data.held_out(), text, contextlib.nullcontext())
+    assert set(metrics) == {"vtm_acc", "vtm_acc_temporal", "mc_acc", "mlm_acc", "t2v_r1", "t2v_r5", "v2t_r1"}
+    assert all(0 <= v <= 1 for v in metrics.values())
+    assert model.training  # evaluate switches back
+
+
+def test_save_atomic_keeps_the_previous_checkpoint_when_interrupted(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    tt.save_atomic({"step": 1}, path)
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # e.g. Ctrl-C in the middle of writing
+
+    monkeypatch.setattr(tt.torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        tt.save_atomic({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_resume_gives_identical_weights(tmp_path):
+    straight = tmp_path / "straight"
+    tt.train(tt.parse_options(QUICK + ["--steps", "6", "--out", str(straight)]))
+    split = tmp_path / "split"
+    tt.train(tt.parse_options(QUICK + ["--steps", "3", "--out", str(split)]))
+    tt.train(tt.parse_options(QUICK + ["--steps", "6", "--out", str(split), "--resume"]))
+    a = torch.load(straight / "ckpt.pt", weights_only=False)
+    b = torch.load(split / "ckpt.pt", weights_only=False)
+    assert a["step"] == b["step"] == 6
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["tokenizer"] == b["tokenizer"] and a["config"] == b["config"]
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 6
+    for key in ("vtm_acc", "vtm_acc_temporal", "mlm_acc", "t2v_r1", "t2v_r5", "v2t_r1", "mc_acc", "clips_per_s", "wall_s"):
+        assert key in rows[-1]
+    # the checkpoint is self-contained: model, tokenizer, config
+    model = AllInOne(Config(**a["config"]))
+    model.load_state_dict(a["model"])
+    assert tt.Tokenizer.from_str(a["tokenizer"]).encode("a red circle appears").ids[0] == 2  # [CLS]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--temporal", "shift"], "--temporal must be roll, none or flatten"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--batch", "ten"], "invalid int value"),
+    (["--init", "x.ckpt"], "--init needs --vocab"),
+    (["--data", "no/such.csv"], "--data no/such.csv: no such file"),
+])
+def test_bad_options_give_a_clear_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        tt.parse_options(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit):
+        tt.parse_options(["--help"])
+    out = capsys.readouterr().out
+    for f in tt.dataclasses.fields(tt.Options):
+        assert "--" + f.name.replace("_", "-") in out
+
+
+def test_samples_png(tmp_path):
+    tt.train(tt.parse_options(["--samples", "3", "--out", str(tmp_path)]))
+    import av
+    with av.open(str(tmp_path / "samples.png")) as c:
+        frame = next(c.decode(video=0))
+    assert (frame.width, frame.height) == (4 * 4 * 32, 3 * 4 * 32)
+    assert len((tmp_path / "samples.txt").read_text().splitlines()) == 3
+
+
+def test_two_process_gloo_run(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           str(HERE / "train_tiny.py"), *QUICK, "--steps", "3", "--out", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 process(es)" in run.stdout and run.stdout.count("eval ") == 1  # rank 0 alone logs and evaluates
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 3
+
+
+# =====================================================================================================================
+# Real clips: load_clip with PyAV, data files, a run that survives bad files
+# Each test video shows its frame index as a 4x4 grid of black/white cells (bit j = cell j), so a test can read
+# which frame load_clip returned.
+
+from fractions import Fraction  # noqa: E402
+
+import av  # noqa: E402
+
+PORTRAIT = [0, 65536, 0, -65536, 0, 0, 0, 0, 1 << 30]  # a phone filmed upright: the display matrix turns it 90°
+
+
+def draw_index(i, w, h):
+    img = np.full((h, w, 3), 128, np.uint8)
+    m = min(w, h)
+    c, y0, x0 = m // 4, (h - m) // 2, (w - m) // 2
+    for j in range(16):
+        r, q = divmod(j, 4)
+        img[y0 + r * c: y0 + (r + 1) * c, x0 + q * c: x0 + (q + 1) * c] = 255 * ((i >> j) & 1)
+    return img
+
+
+def read_index(frame):  # (3, s, s) in [-1, 1] -> the frame index drawn in it
+    g = frame.mean(0).numpy()
+    c = g.shape[0] / 4
+    bits = [g[int((r + 0.3) * c): int((r + 0.7) * c), int((q + 0.3) * c): int((q + 0.7) * c)].mean() > 0
+            for r in range(4) for q in range(4)]
+    return sum(b << j for j, b in enumerate(bits))
+
+
+def indices(clip):
+    return [read_index(f) for f in clip]
+
+
+def make_video(path, n=60, w=64, h=48, codec="libx264", times=None, matrix=None, gop=10, options=None):
+    """n frames at 30 fps, or at `times` (seconds: a variable frame rate)."""
+    with av.open(str(path), "w", options=options or {}) as out:
+        s = out.add_stream(codec, rate=30)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        s.codec_context.gop_size = gop
+        if times is not None:
+            s.codec_context.time_base = Fraction(1, 1000)
+        if matrix is not None:
+            s.set_display_matrix(matrix)
+        for i in range(n):
+            f = av.VideoFrame.from_ndarray(draw_index(i, w, h), format="rgb24")
+            if times is not None:
+                f.pts, f.time_base = round(times[i] * 1000), Fraction(1, 1000)
+            out.mux(s.encode(f))
+        out.mux(s.encode())
+    return path
+
+
+def middles(n, t):  # the segment middles, written out independently of train_tiny.segment_frames
+    return [(k * n // t + max(k * n // t, (k + 1) * n // t - 1)) // 2 for k in range(t)]
+
+
+@pytest.mark.parametrize("codec, ext", [("libx264", "mp4"), ("mpeg4", "mp4"), ("libx264", "mkv"), ("libx264", "ts"),
+                                        ("mpeg4", "avi")])
+def test_eval_sampling_takes_the_segment_middles(tmp_path, codec, ext):
+    path = make_video(tmp_path / f"v.{ext}", codec=codec)
+    for t in (1, 3, 8):
+        assert indices(tt.load_clip(path, t, 32)) == middles(60, t)
+    # seconds: at 30 fps the frames 15..44 lie in [0.49, 1.49)
+    assert indices(tt.load_clip(path, 4, 32, start=0.49, end=1.49)) == [15 + m for m in middles(30, 4)]
+
+
+def test_variable_frame_rate(tmp_path):
+    times = np.concatenate([[0], np.cumsum(np.random.default_rng(0).uniform(0.01, 0.2, 59))])
+    path = make_video(tmp_path / "vfr.mp4", times=times)
+    assert indices(tt.load_clip(path, 5, 32)) == middles(60, 5)
+    for start, end in [(0.5, 2.5), (1.234, 4.0), (3.0, 100.0)]:
+        inside = np.flatnonzero((times >= start) & (times < end))
+        want = [int(inside[m]) for m in middles(len(inside), 6)]
+        got = indices(tt.load_clip(path, 6, 32, start=start, end=end))
+        assert all(abs(a - b) <= 1 for a, b in zip(got, want)) and len(got) == 6, (got, want)
+
+
+def test_training_sampling_stays_inside_each_segment(tmp_path):
+    path = make_video(tmp_path / "v.mp4", n=40, w=64, h=64)
+    seen = set()
+    for seed in range(4):
+        got = indices(tt.load_clip(path, 5, 32, train=True, generator=torch.Generator().manual_seed(seed)))
+        assert all(8 * k <= g <= 8 * k + 7 for k, g in enumerate(got)), got
+        seen.add(tuple(got))
+    assert len(seen) > 1  # random, not always the middles
+    a, b = (tt.load_clip(path, 5, 32, train=True, generator=torch.Generator().manual_seed(7)) for _ in "ab")
+    assert torch.equal(a, b)
+
+
+def test_short_clip_repeats_frames_in_order(tmp_path):
+    path = make_video(tmp_path / "short.mp4", n=3, w=48, h=48)
+    assert indices(tt.load_clip(path, 8, 32)) == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert indices(tt.load_clip(path, 8, 32, train=True)) == [0, 0, 0, 1, 1, 1, 2, 2]
+    for seed in range(5):
+        got = tt.segment_frames(3, 7, train=True, generator=torch.Generator().manual_seed(seed))
+        assert got == sorted(got) and set(got) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("matrix, turns", [(PORTRAIT, 1), ([0, -65536, 0, 65536, 0, 0, 0, 0, 1 << 30], -1),
+                                           ([-65536, 0, 0, 0, -65536, 0, 0, 0, 1 << 30], 2)])
+def test_rotation_metadata_is_honoured(tmp_path, matrix, turns):
+    path = make_video(tmp_path / "rot.mp4", n=20, w=96, h=64, matrix=matrix)
+    with av.open(str(path)) as c:  # the file really carries the rotation
+        assert (next(c.decode(video=0)).rotation + 90 * turns) % 360 == 0
+    clip = tt.load_clip(path, 4, 32)
+    # turning the output back by the metadata's angle gives the drawn picture, upright
+    assert [read_index(torch.from_numpy(np.rot90(f.numpy(), turns, (1, 2)).copy())) for f in clip] == middles(20, 4)
+    assert indices(clip) != middles(20, 4)
+
+
+@pytest.mark.parametrize("w, h", [(96, 64), (64, 96)])
+def test_shape_range_and_centre_crop(tmp_path, w, h):
+    clip = tt.load_clip(make_video(tmp_path / "wide.mp4", n=10, w=w, h=h), 3, 40)
+    assert clip.shape == (3, 3, 40, 40) and clip.dtype == torch.float32
+    assert -1 <= clip.min() < -0.9 and 0.9 < clip.max() <= 1
+    assert indices(clip) == middles(10, 3)
+    assert clip[:, :, 2:-2, [0, 1, -2, -1]].abs().mean() > 0.8  # the grey margins were cropped away
+
+
+def make_bad_files(folder):
+    good = make_video(folder / "good.mp4", n=30).read_bytes()
+    (folder / "empty.mp4").write_bytes(b"")
+    (folder / "truncated.mp4").write_bytes(good[: len(good) // 2])
+    (folder / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(5000))
+    fast = make_video(folder / "fast.mp4", n=30, options={"movflags": "faststart"}).read_bytes()
+    (folder / "cut_faststart.mp4").write_bytes(fast[: len(fast) // 2])  # header intact, frames cut off
+    with av.open(str(folder / "audio_only.m4a"), "w") as out:
+        s = out.add_stream("aac", rate=16000)
+        for i in range(10):
+            f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            f.sample_rate, f.pts = 16000, i * 1024
+            out.mux(s.encode(f))
+        out.mux(s.encode())
+    return ["missing.mp4", "empty.mp4", "truncated.mp4", "corrupt.mp4", "cut_faststart.mp4", "audio_only.m4a"]
+
+
+def test_every_kind_of_bad_file_raises_clip_error_naming_it(tmp_path):
+    for name in make_bad_files(tmp_path):
+        with pytest.raises(tt.ClipError, match=name):
+            tt.load_clip(tmp_path / name, 4, 32)
+    with pytest.raises(tt.ClipError, match=r"good.mp4.*no video frames in \[5.0, 6.0\)"):
+        tt.load_clip(tmp_path / "good.mp4", 4, 32, start=5.0, end=6.0)
+    assert issubclass(tt.ClipError, ValueError)
+
+
+def test_data_file_errors_name_the_line(tmp_path):
+    (tmp_path / "ok.csv").write_text('video,caption,start,end\na.mp4,"a cat, sitting",,\nb.mp4,a dog,1.5,3\n')
+    rows = tt.read_rows(tmp_path / "ok.csv")
+    assert rows[0] == dict(video=str(tmp_path / "a.mp4"), caption="a cat, sitting", start=None, end=None)
+    assert rows[1]["start"] == 1.5 and rows[1]["end"] == 3.0
+    assert tt.read_rows(tmp_path / "ok.csv", video_root="/videos")[0]["video"] == "/videos/a.mp4"
+    bad = {
+        "nocaption.csv": ("video,caption\na.mp4,a cat\nb.mp4,\n", "nocaption.csv line 3: empty caption"),
+        "novideo.jsonl": ('{"video": "a.mp4", "caption": "x"}\n{"caption": "y"}\n', "novideo.jsonl line 2: no 'video'"),
+        "notjson.jsonl": ('{"video": "a.mp4", "caption": "x"}\n\n{oops\n', "notjson.jsonl line 3: not JSON"),
+        "times.csv": ("video,caption,start,end\na.mp4,x,4,2\n", "times.csv line 2: start 4.0 is not before end 2.0"),
+        "seconds.csv": ("video,caption,start\na.mp4,x,soon\n", "seconds.csv line 2: start and end must be seconds"),
+    }
+    for name, (content, message) in bad.items():
+        (tmp_path / name).write_text(content)
+        with pytest.raises(ValueError, match=message):
+            tt.read_rows(tmp_path / name)
+
+
+def test_training_on_a_folder_with_bad_files_finishes_and_reports_them(tmp_path, capsys):
+    bad = make_bad_files(tmp_path)
+    for i in range(8):
+        make_video(tmp_path / f"clip{i}.mp4", n=12, w=40, h=32, codec="mpeg4")
+    rows = [f"clip{i}.mp4,clip number {i} of the set" for i in range(8)] + [f"{name},a broken clip" for name in bad[:3]]
+    (tmp_path / "train.csv").write_text("video,caption\n" + "\n".join(rows) + "\n")
+    (tmp_path / "val.csv").write_text("video,caption\nclip0.mp4,clip number zero\nclip1.mp4,clip number one\n"
+                                      "corrupt.mp4,broken\n")
+    argv = ["--data", str(tmp_path / "train.csv"), "--val-data", str(tmp_path / "val.csv"), "--preset", "nano",
+            "--batch", "4", "--vtm-clips", "4", "--mlm-clips", "2", "--steps", "4", "--log-every", "1",
+            "--workers", "1", "--max-bad-share", "0.6", "--out", str(tmp_path / "out"), "--device", "cpu"]
+    last = tt.train(tt.parse_options(argv))
+    out = capsys.readouterr().out
+    assert out.count("warning: skipped") == len(set(out.split("warning: skipped")[1:]))  # each file once
+    assert "corrupt.mp4" in out and last["skipped_clips"] >= 1 and last["step"] == 4
+    assert "vtm_acc" in last and "mc_acc" not in last  # no time-word variants for your own captions
+    # too many failures stop the run with examples
+    (tmp_path / "bad.csv").write_text("video,caption\n" + "\n".join(f"{n},x" for n in bad) + "\nclip0.mp4,ok\n")
+    with pytest.raises(RuntimeError, match="failed to load"):
+        tt.train(tt.parse_options(argv[:1] + [str(tmp_path / "bad.csv")] + argv[2:] + ["--max-bad-share", "0.1"]))
+
+
+def test_ctrl_c_saves_a_checkpoint_to_resume_from(tmp_path):
+    import signal
+    cmd = [sys.executable, str(HERE / "train_tiny.py"), *QUICK, "--steps", "100000", "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:  # wait until it trains
+        if line.startswith("step     3/"):
+            break
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=60) == 130 and "interrupted at step" in rest
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] >= 3 and f"interrupted at step {ckpt['step']}" in rest

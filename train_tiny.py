@@ -47,25 +47,28 @@ from allinone import AllInOne, Config, contrastive_loss, mlm_loss, mlm_mask, vtm
 class Options:
     preset: str = field(default="nano", metadata={"help": "model size from allinone.PRESETS (ignored with --init)"})
     temporal: str = field(default="roll", metadata={"help": "temporal modelling: roll (paper) | none | flatten"})
-    steps: int = field(default=3000, metadata={"help": "train until this step (with --resume: continue to it)"})
-    horizon: int = field(default=3000, metadata={"help": "steps the learning-rate decay and the mismatch curriculum "
+    fold_div: int = field(default=8, metadata={"help": "rolling moves 1/fold_div of each frame's tokens each way"})
+    steps: int = field(default=1800, metadata={"help": "train until this step (with --resume: continue to it)"})
+    horizon: int = field(default=1800, metadata={"help": "steps the learning-rate decay and the mismatch curriculum "
                                                           "are laid out over, whatever --steps is"})
-    batch: int = field(default=32, metadata={"help": "clips per step, over all processes"})
+    batch: int = field(default=128, metadata={"help": "clips per step, over all processes"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate (AdamW)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     warmup: int = field(default=100, metadata={"help": "linear warm-up steps, then cosine decay to 10%% over --horizon"})
     clip_grad: float = field(default=1.0, metadata={"help": "gradient-norm clipping"})
     dropout: float = field(default=0.0, metadata={"help": "dropout in the model"})
     temperature: float = field(default=0.05, metadata={"help": "contrastive temperature (official: 0.05)"})
+    vtm_clips: int = field(default=32, metadata={"help": "clips per step in the VTM pass (the contrastive passes take "
+                                                          "the whole batch)"})
     mlm_clips: int = field(default=8, metadata={"help": "clips per step in the separate MLM pass (0: no MLM)"})
-    curriculum: float = field(default=0.5, metadata={"help": "share of --horizon whose VTM mismatches are mostly "
+    curriculum: float = field(default=0.75, metadata={"help": "share of --horizon whose VTM mismatches are mostly "
                                                               "time-word swaps (synthetic data)"})
-    temporal_negatives: float = field(default=0.8, metadata={"help": "share of VTM mismatches that swap only a time "
-                                                                      "word during the curriculum (after it: half that)"})
-    eval_every: int = field(default=500, metadata={"help": "evaluate on the held-out set every N steps and at the end"})
+    temporal_negatives: float = field(default=0.8, metadata={"help": "share of VTM mismatches that differ only in the "
+                                                                      "time words during the curriculum (after it: half)"})
+    eval_every: int = field(default=600, metadata={"help": "evaluate on the held-out set every N steps and at the end"})
     eval_clips: int = field(default=512, metadata={"help": "held-out synthetic clips"})
-    log_every: int = field(default=50, metadata={"help": "print a log line every N steps"})
-    ckpt_every: int = field(default=500, metadata={"help": "write OUT/ckpt.pt every N steps (and at the end, on Ctrl-C)"})
+    log_every: int = field(default=100, metadata={"help": "print a log line every N steps"})
+    ckpt_every: int = field(default=600, metadata={"help": "write OUT/ckpt.pt every N steps (and at the end, on Ctrl-C)"})
     out: str = field(default="out/tiny", metadata={"help": "output folder: ckpt.pt, metrics.jsonl, samples.png"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT/ckpt.pt"})
     init: str = field(default="", metadata={"help": "start from an official All-in-One checkpoint (needs --vocab)"})
@@ -99,6 +102,7 @@ def parse_options(argv=None):
         opts.steps < 1 and "--steps must be at least 1",
         opts.horizon < 1 and "--horizon must be at least 1",
         opts.batch < 2 and "--batch must be at least 2 (VTM needs mismatched pairs)",
+        not 2 <= opts.vtm_clips <= opts.batch and "--vtm-clips must be between 2 and --batch",
         not 0 <= opts.mlm_clips <= opts.batch and "--mlm-clips must be between 0 and --batch",
         not 0 <= opts.curriculum <= 1 and "--curriculum must be between 0 and 1",
         not 0 <= opts.temporal_negatives <= 1 and "--temporal-negatives must be between 0 and 1",
@@ -155,8 +159,8 @@ def render(captions, frames, size, generator):
 
     colour, shape, motion = zip(*(CAPTIONS[i] for i in captions))
     step = torch.tensor([MOTIONS[m] if isinstance(MOTIONS[m], tuple) else (0, 0) for m in motion], dtype=torch.float)
-    r = uniform(0.09, 0.13) * s  # half the shape's size
-    speed = uniform(0.12, 0.20) * s  # pixels per frame
+    r = uniform(0.16, 0.20) * s  # half the shape's size
+    speed = uniform(0.10, 0.16) * s  # pixels per frame
     travel = step * (speed * (frames - 1))[:, None]  # (b, 2)
     lo, hi = r[:, None] + (-travel).clamp(min=0), s - r[:, None] - travel.clamp(min=0)
     start = lo + (hi - lo) * torch.rand(b, 2, generator=g)  # the whole path stays inside the frame
@@ -378,7 +382,8 @@ class StepBatches:
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def make_tokenizer(vocab_file, words):
+def make_tokenizer(vocab_file, captions):
+    """BERT's WordPiece from a vocab.txt, or else a word-level vocabulary of the captions, with BERT's special tokens."""
     if vocab_file:
         vocab = {w: i for i, w in enumerate(Path(vocab_file).read_text(encoding="utf-8").splitlines())}
         missing = [s for s in SPECIALS if s not in vocab]
@@ -388,10 +393,11 @@ def make_tokenizer(vocab_file, words):
         tok.normalizer = normalizers.BertNormalizer(lowercase=True)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     else:
-        vocab = {w: i for i, w in enumerate(SPECIALS + sorted(set(words)))}
+        normalizer, split = normalizers.Lowercase(), pre_tokenizers.Whitespace()
+        words = {w for c in captions for w, _ in split.pre_tokenize_str(normalizer.normalize_str(c))}
+        vocab = {w: i for i, w in enumerate(SPECIALS + sorted(words))}
         tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-        tok.normalizer = normalizers.Lowercase()
-        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.normalizer, tok.pre_tokenizer = normalizer, split
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[(s, vocab[s]) for s in ("[CLS]", "[SEP]")])
     return tok
@@ -422,6 +428,14 @@ def gather(x):
     return torch.cat(torch.distributed.nn.functional.all_gather(x)) if dist.is_initialized() else x
 
 
+def gather_labels(x):  # integer tensors: no gradient to carry
+    if not dist.is_initialized():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x)
+    return torch.cat(parts)
+
+
 def cosine_logits(a, b, temperature):
     return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / temperature
 
@@ -434,7 +448,8 @@ class Objective(nn.Module):
     def forward(self, batch):
         m, out = self.model, {}
         # VTM (Sec. 3.3): a joint pass over matched and mismatched pairs, with the VTM head on the pooled text [CLS]
-        logits = m.vtm_head(m(batch["video"], batch["vtm_ids"], batch["vtm_mask"]).pooled)
+        k = len(batch["vtm_ids"])  # the first k clips
+        logits = m.vtm_head(m(batch["video"][:k], batch["vtm_ids"], batch["vtm_mask"]).pooled)
         out["vtm"] = vtm_loss(logits, batch["vtm_labels"])
         out["vtm_acc"] = (logits.argmax(-1) == batch["vtm_labels"]).float().mean().detach()
         # MLM: a separate joint pass with masked captions, as in the official code (masking only in matched VTM
@@ -444,13 +459,15 @@ class Objective(nn.Module):
             out["mlm"] = mlm_loss(m.mlm_head(m(batch["video"][:k], batch["mlm_ids"], batch["mlm_mask"]).text),
                                   batch["mlm_labels"])
         # Contrastive (unimodal passes): the video alone against the texts alone
-        video = m.video_proj(m.encode_video(batch["video"]).video[:, 0])  # (b, k)
+        video = m.video_proj(m.encode_video(batch["video"]).video[:, 0])  # (b, contrastive_dim)
         text = m.text_proj(m.encode_text(batch["text_ids"], batch["text_mask"]).text[:, 0])
+        labels = None
         if "bank_targets" in batch:  # text holds every caption there is: each clip must pick its own among all
             out["bank"] = F.cross_entropy(cosine_logits(video, text, self.temperature), batch["bank_targets"])
-            text = text[batch["bank_targets"]]
-        out["itc"] = contrastive_loss(gather(text), gather(video), self.temperature)
-        out["loss"] = sum(v for k, v in out.items() if not k.endswith("_acc"))
+            text, labels = text[batch["bank_targets"]], gather_labels(batch["bank_targets"])
+        # in-batch: clips that share a caption count as pairs of each other (labels), not as negatives
+        out["itc"] = contrastive_loss(gather(text), gather(video), self.temperature, labels)
+        out["loss"] = sum(value for name, value in out.items() if not name.endswith("_acc"))
         return out
 
 
@@ -484,13 +501,15 @@ class Synthetic:
         b = o.batch // self.world
         captions = torch.randint(len(CAPTIONS), (b,), generator=g)
         video = render(captions.tolist(), self.cfg.frames, self.cfg.image_size, g).to(self.device)
-        # VTM pairs: half keep their caption; a mismatched one gets, during the curriculum, mostly its caption with
-        # the time word swapped (only the order of frames tells them apart), otherwise any other caption
-        labels = (torch.randperm(b, generator=g) < b // 2).long()  # 1: matched
+        # VTM pairs: half keep their caption; a mismatched one gets, during the curriculum, mostly a caption that
+        # differs only in the time words (only the order of the frames tells them apart), otherwise any other one
+        k, own = o.vtm_clips // self.world, captions[: o.vtm_clips // self.world]  # the VTM pass takes the first k clips
+        labels = (torch.randperm(k, generator=g) < k // 2).long()  # 1: matched
         share = o.temporal_negatives * (1 if step < o.curriculum * o.horizon else 0.5)
-        swapped = torch.tensor([time_swapped(int(c)) for c in captions])
-        other = (captions + torch.randint(1, len(CAPTIONS), (b,), generator=g)) % len(CAPTIONS)
-        vtm = torch.where(labels.bool(), captions, torch.where(torch.rand(b, generator=g) < share, swapped, other))
+        pick = torch.randint(1, 6, (k,), generator=g)  # one of the 5 other time variants
+        time_wrong = torch.tensor([time_variants(int(c))[j] for c, j in zip(own, pick)])
+        other = (own + torch.randint(1, len(CAPTIONS), (k,), generator=g)) % len(CAPTIONS)
+        vtm = torch.where(labels.bool(), own, torch.where(torch.rand(k, generator=g) < share, time_wrong, other))
         captions, vtm = captions.to(self.device), vtm.to(self.device)
         # contrastive: the text side is the whole caption bank; each clip's target is its caption
         batch = dict(video=video, vtm_ids=self.bank_ids[vtm], vtm_mask=self.bank_mask[vtm], vtm_labels=labels.to(self.device),
@@ -569,7 +588,7 @@ class Clips:
             self.skipped.add(failures, len(video))
             g = step_generator(o.seed, step, self.rank)
             ids, mask = self.text(captions, self.device)
-            other, labels = vtm_batch(torch.arange(len(video)), generator=g)  # half get another clip's caption
+            other, labels = vtm_batch(torch.arange(o.vtm_clips // self.world), generator=g)  # half: another's caption
             batch = dict(video=video.to(self.device, non_blocking=True), vtm_ids=ids[other.to(self.device)],
                          vtm_mask=mask[other.to(self.device)], vtm_labels=labels.to(self.device), text_ids=ids, text_mask=mask)
             k = o.mlm_clips // self.world
@@ -742,8 +761,8 @@ def train(opts):
         dist.init_process_group("nccl" if torch.cuda.is_available() and opts.device in ("auto", "cuda") else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     main = rank == 0
-    if opts.batch % world or opts.mlm_clips % world:
-        raise ValueError(f"--batch {opts.batch} and --mlm-clips {opts.mlm_clips} must divide among {world} processes")
+    if opts.batch % world or opts.vtm_clips % world or opts.mlm_clips % world:
+        raise ValueError(f"--batch, --vtm-clips and --mlm-clips must divide among the {world} processes")
     device = pick_device(opts.device)
     autocast, scaler = mixed_precision(device)
     out_dir, ckpt = Path(opts.out), None
@@ -762,9 +781,11 @@ def train(opts):
         tokenizer = make_tokenizer(opts.vocab, captions)
         cfg = Config.preset(opts.preset, vocab_size=tokenizer.get_vocab_size())
     # video_only_temporal: the video-only pass models time too, so the contrastive losses can learn it (README)
-    cfg = dataclasses.replace(cfg, temporal=opts.temporal, video_only_temporal=True, dropout=opts.dropout)
+    cfg = dataclasses.replace(cfg, temporal=opts.temporal, fold_div=opts.fold_div, video_only_temporal=True,
+                              dropout=opts.dropout)
     if opts.init and not opts.resume:
-        model = AllInOne.from_official(opts.init, temporal=opts.temporal, video_only_temporal=True, dropout=opts.dropout)
+        model = AllInOne.from_official(opts.init, temporal=opts.temporal, fold_div=opts.fold_div, video_only_temporal=True,
+                                       dropout=opts.dropout)
         cfg = model.cfg
         if cfg.vocab_size != tokenizer.get_vocab_size():
             raise ValueError(f"{opts.init} has a {cfg.vocab_size}-word vocabulary, {opts.vocab} {tokenizer.get_vocab_size()}")
