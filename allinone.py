@@ -282,7 +282,7 @@ class AllInOne(nn.Module):
         if mask is not None:
             mask = repeat(mask, "b 1 1 s -> (b t) 1 1 s", t=t)
         for block in self.blocks:
-            if roll:  # Sec. 3.2: exchange tokens with the neighbouring frames; the text stays where it is
+            if roll:  # temporal token rolling: exchange tokens with the neighbouring frames; the text stays where it is
                 video = rearrange(x[:, l:], "(b t) n d -> b t n d", t=t)
                 x = torch.cat([x[:, :l], rearrange(temporal_roll(video, self.cfg.fold_div), "b t n d -> (b t) n d")], 1)
             x = block(x, mask)
@@ -315,7 +315,7 @@ class AllInOne(nn.Module):
         l = text.shape[1]
         if self.cfg.temporal == "flatten":
             x = self.run_flat(text, video, mask)
-        else:  # Sec. 3.1: one sequence [text | frame] per frame, padded text masked as keys only
+        else:  # one sequence [text | frame] per frame, padded text masked as keys only
             x = torch.cat([repeat(text, "b l d -> b t l d", t=t), video], dim=2)  # (b, t, l+n, d)
             x = self.run_frames(x, F.pad(mask, (0, n), value=True), l, roll=self.cfg.temporal == "roll")
         return Output(text=x[:, :l], video=x[:, l:], pooled=self.pool(x))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from einops import rearrange
 
 from allinone import (
     CLS_ID, MASK_ID, PAD_ID, SEP_ID, AllInOne, Config, contrastive_loss, mlm_loss, mlm_mask, temporal_roll, vtm_batch,
@@ -164,6 +165,25 @@ def test_roll_refuses_sizes_that_would_move_nothing():
     with pytest.raises(ValueError, match="temporal rolling"):
         Config(image_size=32, patch_size=16)
     Config(image_size=32, patch_size=16, temporal="none")  # nothing rolls: fine
+
+
+def test_joint_pass_rolls_video_before_every_block_and_never_the_text():
+    model = small_model(depth=2).eval()
+    seen = []
+
+    class Record(torch.nn.Module):  # a block that keeps its input and changes nothing
+        def forward(self, x, mask=None):
+            seen.append(x.clone())
+            return x
+
+    model.blocks = torch.nn.ModuleList([Record(), Record()])
+    b, t, l, n, d = 2, 3, 5, 17, 32
+    x = torch.randn(b, t, l + n, d)
+    model.run_frames(x, None, l=l, roll=True)
+    first, second = (rearrange(s, "(b t) s d -> b t s d", t=t) for s in seen)
+    assert torch.equal(first[:, :, :l], x[:, :, :l]) and torch.equal(second[:, :, :l], x[:, :, :l])  # text stays
+    assert torch.equal(first[:, :, l:], temporal_roll(x[:, :, l:]))  # rolled before block 0 ...
+    assert torch.equal(second[:, :, l:], temporal_roll(temporal_roll(x[:, :, l:])))  # ... and again before block 1
 
 
 def test_roll_differs_from_none_only_through_rolled_slots():
@@ -517,12 +537,12 @@ def test_samples_png(tmp_path):
     import av
     with av.open(str(tmp_path / "samples.png")) as c:
         frame = next(c.decode(video=0))
-    assert (frame.width, frame.height) == (4 * 4 * 32, 3 * 4 * 32)
+    assert (frame.width, frame.height) == (4 * 4 * 33, 3 * 4 * 32)  # 4 frames and a line after each
     assert len((tmp_path / "samples.txt").read_text().splitlines()) == 3
 
 
 def test_two_process_gloo_run(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(HERE / "train_tiny.py"), *QUICK, "--steps", "3", "--out", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from allinone import AllInOne, Config, contrastive_loss, mlm_loss, mlm_mask, vtm_batch, vtm_loss
 
@@ -61,12 +61,12 @@ class Options:
     vtm_clips: int = field(default=32, metadata={"help": "clips per step in the VTM pass (the contrastive passes take "
                                                           "the whole batch)"})
     mlm_clips: int = field(default=8, metadata={"help": "clips per step in the separate MLM pass (0: no MLM)"})
-    curriculum: float = field(default=0.75, metadata={"help": "share of --horizon whose VTM mismatches are mostly "
-                                                              "time-word swaps (synthetic data)"})
+    curriculum: float = field(default=0.75, metadata={"help": "share of --horizon whose VTM mismatches mostly differ "
+                                                              "only in the time words (synthetic data)"})
     temporal_negatives: float = field(default=0.8, metadata={"help": "share of VTM mismatches that differ only in the "
                                                                       "time words during the curriculum (after it: half)"})
     eval_every: int = field(default=600, metadata={"help": "evaluate on the held-out set every N steps and at the end"})
-    eval_clips: int = field(default=512, metadata={"help": "held-out synthetic clips"})
+    eval_clips: int = field(default=512, metadata={"help": "held-out clips to evaluate on"})
     log_every: int = field(default=100, metadata={"help": "print a log line every N steps"})
     ckpt_every: int = field(default=600, metadata={"help": "write OUT/ckpt.pt every N steps (and at the end, on Ctrl-C)"})
     out: str = field(default="out/tiny", metadata={"help": "output folder: ckpt.pt, metrics.jsonl, samples.png"})
@@ -447,7 +447,7 @@ class Objective(nn.Module):
 
     def forward(self, batch):
         m, out = self.model, {}
-        # VTM (Sec. 3.3): a joint pass over matched and mismatched pairs, with the VTM head on the pooled text [CLS]
+        # VTM: a joint pass over matched and mismatched pairs, with the VTM head on the pooled text [CLS]
         k = len(batch["vtm_ids"])  # the first k clips
         logits = m.vtm_head(m(batch["video"][:k], batch["vtm_ids"], batch["vtm_mask"]).pooled)
         out["vtm"] = vtm_loss(logits, batch["vtm_labels"])
@@ -737,8 +737,19 @@ def lr_at(step, o):
     return o.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def flop_counter():
+    """torch's FLOP counter, taught the CPU attention kernels it does not count by itself (torch 2.13)."""
+    aten = torch.ops.aten
+    return FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda g, q, k, v, *_, **__: sdpa_backward_flop_count(g, q, k, v),
+    })
+
+
 def write_samples(path, video, captions):
     """A PNG strip, one clip per row, frames left to right, written with PyAV."""
+    video = F.pad(video, (0, 1), value=1.0)  # a white line after each frame
     img = ((rearrange(video, "k t c h w -> (k h) (t w) c") + 1) * 127.5).clamp(0, 255).byte()
     img = img.repeat_interleave(4, 0).repeat_interleave(4, 1).numpy()  # 4x larger, so the pixels show
     with av.open(str(path), "w", format="image2") as out:
@@ -827,7 +838,7 @@ def train(opts):
                              tokenizer=tokenizer.to_str(), optimizer=opt.state_dict(), step=step, rng=rng_state()),
                         ckpt_path)
 
-    start, t0, last, flops, counter = step, time.time(), None, None, FlopCounterMode(display=False)
+    start, t0, last, flops, counter = step, time.time(), None, None, flop_counter()
     totals, logged = {}, 0
     try:
         for batch in data.batches(step):
