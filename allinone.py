@@ -431,16 +431,14 @@ def vtm_loss(logits, labels):  # (b, 2), (b,)
     return F.cross_entropy(logits, labels)
 
 
-def contrastive_loss(text_emb, video_emb, temperature=0.05, labels=None):
-    """Symmetric InfoNCE over cosine similarities: row i of text and of video are a pair. (b, k), (b, k) -> scalar.
-    labels (b,), optional: rows with the same label are all pairs of each other (several clips of one caption), the
-    target spread evenly over them; without, as in the official code, only the diagonal is."""
-    logits = F.normalize(text_emb, dim=-1) @ F.normalize(video_emb, dim=-1).T / temperature  # (b, b)
-    if labels is None:
-        target = torch.arange(len(logits), device=logits.device)
-    else:
-        same = (labels[:, None] == labels[None, :]).float()
-        target = same / same.sum(1, keepdim=True)  # symmetric, so it serves both directions
+def cosine_similarity(a, b):  # (m, k), (n, k) -> (m, n)
+    return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+
+
+def contrastive_loss(text_emb, video_emb, temperature=0.05):
+    """Symmetric InfoNCE over cosine similarities: row i of text and of video are a pair. (b, k), (b, k) -> scalar"""
+    logits = cosine_similarity(text_emb, video_emb) / temperature  # (b, b)
+    target = torch.arange(len(logits), device=logits.device)
     return F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)
 
 

@@ -37,7 +37,7 @@ from einops import rearrange
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from allinone import AllInOne, Config, contrastive_loss, mlm_loss, mlm_mask, vtm_batch, vtm_loss
+from allinone import AllInOne, Config, contrastive_loss, cosine_similarity, mlm_loss, mlm_mask, vtm_batch, vtm_loss
 
 # -----------------------------------------------------------------------------
 # Options: every command-line flag comes from this dataclass
@@ -146,8 +146,8 @@ def time_swapped(i):
 def time_variants(i):
     """Indices of the captions that differ from caption i only in the time words: i first, its time-swap second."""
     colour, shape, _ = CAPTIONS[i]
-    rest = [CAPTIONS.index((colour, shape, m)) for m in MOTIONS]
-    return [i, time_swapped(i)] + [j for j in rest if j not in (i, time_swapped(i))]
+    first = [i, time_swapped(i)]
+    return first + [j for j in (CAPTIONS.index((colour, shape, m)) for m in MOTIONS) if j not in first]
 
 
 def render(captions, frames, size, generator):
@@ -428,18 +428,6 @@ def gather(x):
     return torch.cat(torch.distributed.nn.functional.all_gather(x)) if dist.is_initialized() else x
 
 
-def gather_labels(x):  # integer tensors: no gradient to carry
-    if not dist.is_initialized():
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x)
-    return torch.cat(parts)
-
-
-def cosine_logits(a, b, temperature):
-    return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / temperature
-
-
 class Objective(nn.Module):
     def __init__(self, model, temperature):
         super().__init__()
@@ -461,12 +449,10 @@ class Objective(nn.Module):
         # Contrastive (unimodal passes): the video alone against the texts alone
         video = m.video_proj(m.encode_video(batch["video"]).video[:, 0])  # (b, contrastive_dim)
         text = m.text_proj(m.encode_text(batch["text_ids"], batch["text_mask"]).text[:, 0])
-        labels = None
         if "bank_targets" in batch:  # text holds every caption there is: each clip must pick its own among all
-            out["bank"] = F.cross_entropy(cosine_logits(video, text, self.temperature), batch["bank_targets"])
-            text, labels = text[batch["bank_targets"]], gather_labels(batch["bank_targets"])
-        # in-batch: clips that share a caption count as pairs of each other (labels), not as negatives
-        out["itc"] = contrastive_loss(gather(text), gather(video), self.temperature, labels)
+            out["bank"] = F.cross_entropy(cosine_similarity(video, text) / self.temperature, batch["bank_targets"])
+            text = text[batch["bank_targets"]]
+        out["itc"] = contrastive_loss(gather(text), gather(video), self.temperature)
         out["loss"] = sum(value for name, value in out.items() if not name.endswith("_acc"))
         return out
 
@@ -530,8 +516,8 @@ class Synthetic:
                     options_ids=self.bank_ids[options].cpu(), options_mask=self.bank_mask[options].cpu())
 
     def samples(self, k):
-        captions = torch.randint(len(CAPTIONS), (k,), generator=torch.Generator().manual_seed(self.opts.seed))
         g = torch.Generator().manual_seed(self.opts.seed)
+        captions = torch.randint(len(CAPTIONS), (k,), generator=g)
         return render(captions.tolist(), self.cfg.frames, self.cfg.image_size, g), [caption_text(int(c)) for c in captions]
 
 
@@ -557,9 +543,8 @@ class Skipped:
 class Clips:
     """Your clips (--data): decoded with PyAV in DataLoader workers; a file that fails is skipped and counted."""
 
-    def __init__(self, cfg, text, opts, device, rank=0, world=1):
+    def __init__(self, rows, cfg, text, opts, device, rank=0, world=1):  # rows: read_rows(opts.data)
         self.cfg, self.text, self.opts, self.device, self.rank, self.world = cfg, text, opts, device, rank, world
-        rows = read_rows(opts.data, opts.video_root)
         if opts.val_data:
             val = read_rows(opts.val_data, opts.video_root)
         else:  # hold out whole videos, so that no video is in both
@@ -668,7 +653,7 @@ def evaluate(model, held, text, autocast, chunk=256):
     # retrieval
     t = chunked(lambda i, m: model.text_proj(model.encode_text(i, m).text[:, 0]).float(), ids, mask)
     v = chunked(lambda v: model.video_proj(model.encode_video(v).video[:, 0]).float(), video)
-    sim = F.normalize(t, dim=-1) @ F.normalize(v, dim=-1).T  # (n captions, n clips)
+    sim = cosine_similarity(t, v)  # (n captions, n clips)
     label = label.to(dev)
     metrics.update(t2v_r1=recall_at_k(sim, label, label, 1), t2v_r5=recall_at_k(sim, label, label, 5),
                    v2t_r1=recall_at_k(sim.T, label, label, 1))
@@ -781,14 +766,14 @@ def train(opts):
     torch.manual_seed(opts.seed)
 
     # model and tokenizer: from the checkpoint to resume, from an official checkpoint, or new
+    rows = read_rows(opts.data, opts.video_root) if opts.data else None
     if opts.resume:
         if not ckpt_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         tokenizer, cfg = Tokenizer.from_str(ckpt["tokenizer"]), Config(**ckpt["config"])
     else:
-        captions = [r["caption"] for r in read_rows(opts.data, opts.video_root)] if opts.data else \
-            [caption_text(i) for i in range(len(CAPTIONS))]
+        captions = [r["caption"] for r in rows] if rows else [caption_text(i) for i in range(len(CAPTIONS))]
         tokenizer = make_tokenizer(opts.vocab, captions)
         cfg = Config.preset(opts.preset, vocab_size=tokenizer.get_vocab_size())
     # video_only_temporal: the video-only pass models time too, so the contrastive losses can learn it (README)
@@ -803,7 +788,7 @@ def train(opts):
     else:
         model = AllInOne(cfg)
     text = Text(tokenizer, cfg.max_text_len)
-    data = (Clips if opts.data else Synthetic)(cfg, text, opts, device, rank, world)
+    data = Clips(rows, cfg, text, opts, device, rank, world) if rows else Synthetic(cfg, text, opts, device, rank, world)
     if opts.samples:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_samples(out_dir / "samples.png", *data.samples(opts.samples))
