@@ -50,6 +50,8 @@ class Config:
     video_only_temporal: bool = False  # also apply `temporal` in the video-only pass (the official code does not)
     dropout: float = 0.1
     contrastive_dim: int = 512
+    video_pos_std: float = 0.02  # init std of the video position embedding (official 0.02)
+    video_time_std: float = 0.0  # init std of the video time (temporal) embedding (official: zeros)
     num_answers: int = 0  # > 0 adds the open-ended QA classifier
 
     def __post_init__(self):
@@ -79,8 +81,10 @@ PRESETS = {
     "tiny": dict(dim=192, depth=12, heads=3),  # 17.6M, All-in-one-Ti, from DeiT-Ti
     "small": dict(dim=384, depth=12, heads=6),  # 45.9M, All-in-one-S, from DeiT-S
     "base": dict(dim=768, depth=12, heads=12),  # 134.7M, All-in-one-B, from ViT-B/16
-    # trains in minutes on a laptop CPU (train_tiny.py): 32 px frames of 8 px patches, a small vocabulary
-    "nano": dict(dim=64, depth=4, heads=4, frames=4, image_size=32, patch_size=8, max_text_len=16, vocab_size=64),  # 0.3M
+    # trains in minutes on a laptop CPU (train_tiny.py): 32 px frames of 8 px patches, a small vocabulary, and video
+    # position embeddings as loud as the patches at this width, or the motion words come late (README: the recipe)
+    "nano": dict(dim=64, depth=4, heads=4, frames=4, image_size=32, patch_size=8, max_text_len=16, vocab_size=64,
+                 video_pos_std=0.3, video_time_std=0.3),  # 0.3M
 }
 
 # -----------------------------------------------------------------------------
@@ -238,8 +242,10 @@ class AllInOne(nn.Module):
             h = d // 2
             self.qa_head = nn.Sequential(nn.Dropout(0.5), nn.Linear(d, h), nn.LayerNorm(h), nn.GELU(), nn.Linear(h, cfg.num_answers))
         self.apply(self._init)
-        for p in (self.video_embed.cls, self.video_embed.pos, self.video_embed.temporal):
-            nn.init.trunc_normal_(p, std=0.02)
+        nn.init.trunc_normal_(self.video_embed.cls, std=0.02)
+        nn.init.trunc_normal_(self.video_embed.pos, std=cfg.video_pos_std)
+        if cfg.video_time_std:
+            nn.init.trunc_normal_(self.video_embed.temporal, std=cfg.video_time_std)
 
     @staticmethod
     def _init(m):

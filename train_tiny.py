@@ -143,6 +143,13 @@ def time_swapped(i):
     return CAPTIONS.index((colour, shape, TIME_SWAP[motion]))
 
 
+def looks_variants(i):
+    """Indices of the captions that differ from caption i only in the colour or only in the shape (3 + 2 of them)."""
+    colour, shape, motion = CAPTIONS[i]
+    return ([CAPTIONS.index((c, shape, motion)) for c in COLOURS if c != colour]
+            + [CAPTIONS.index((colour, s, motion)) for s in SHAPES if s != shape])
+
+
 def time_variants(i):
     """Indices of the captions that differ from caption i only in the time words: i first, its time-swap second."""
     colour, shape, _ = CAPTIONS[i]
@@ -488,13 +495,17 @@ class Synthetic:
         captions = torch.randint(len(CAPTIONS), (b,), generator=g)
         video = render(captions.tolist(), self.cfg.frames, self.cfg.image_size, g).to(self.device)
         # VTM pairs: half keep their caption; a mismatched one gets, during the curriculum, mostly a caption that
-        # differs only in the time words (only the order of the frames tells them apart), otherwise any other one
+        # differs only in the time words (only the order of the frames tells them apart); otherwise, as often, one
+        # that differs only in the colour or only in the shape, or any other caption
         k, own = o.vtm_clips // self.world, captions[: o.vtm_clips // self.world]  # the VTM pass takes the first k clips
         labels = (torch.randperm(k, generator=g) < k // 2).long()  # 1: matched
         share = o.temporal_negatives * (1 if step < o.curriculum * o.horizon else 0.5)
         pick = torch.randint(1, 6, (k,), generator=g)  # one of the 5 other time variants
         time_wrong = torch.tensor([time_variants(int(c))[j] for c, j in zip(own, pick)])
+        pick = torch.randint(0, 5, (k,), generator=g)  # one of the 5 looks variants
+        looks_wrong = torch.tensor([looks_variants(int(c))[j] for c, j in zip(own, pick)])
         other = (own + torch.randint(1, len(CAPTIONS), (k,), generator=g)) % len(CAPTIONS)
+        other = torch.where(torch.rand(k, generator=g) < 0.5, looks_wrong, other)
         vtm = torch.where(labels.bool(), own, torch.where(torch.rand(k, generator=g) < share, time_wrong, other))
         captions, vtm = captions.to(self.device), vtm.to(self.device)
         # contrastive: the text side is the whole caption bank; each clip's target is its caption
