@@ -487,6 +487,8 @@ class Synthetic:
     def __init__(self, cfg, text, opts, device, rank=0, world=1):
         self.cfg, self.text, self.opts, self.device, self.rank, self.world = cfg, text, opts, device, rank, world
         self.bank_ids, self.bank_mask = text([caption_text(i) for i in range(len(CAPTIONS))], device)
+        self.time_variants = torch.tensor([time_variants(i) for i in range(len(CAPTIONS))])  # (72, 6)
+        self.looks_variants = torch.tensor([looks_variants(i) for i in range(len(CAPTIONS))])  # (72, 5)
         self.skipped = None
 
     def batch(self, step):
@@ -501,9 +503,9 @@ class Synthetic:
         labels = (torch.randperm(k, generator=g) < k // 2).long()  # 1: matched
         share = o.temporal_negatives * (1 if step < o.curriculum * o.horizon else 0.5)
         pick = torch.randint(1, 6, (k,), generator=g)  # one of the 5 other time variants
-        time_wrong = torch.tensor([time_variants(int(c))[j] for c, j in zip(own, pick)])
+        time_wrong = self.time_variants[own, pick]
         pick = torch.randint(0, 5, (k,), generator=g)  # one of the 5 looks variants
-        looks_wrong = torch.tensor([looks_variants(int(c))[j] for c, j in zip(own, pick)])
+        looks_wrong = self.looks_variants[own, pick]
         other = (own + torch.randint(1, len(CAPTIONS), (k,), generator=g)) % len(CAPTIONS)
         other = torch.where(torch.rand(k, generator=g) < 0.5, looks_wrong, other)
         vtm = torch.where(labels.bool(), own, torch.where(torch.rand(k, generator=g) < share, time_wrong, other))
@@ -521,7 +523,7 @@ class Synthetic:
     def held_out(self):
         g = torch.Generator().manual_seed(10_000_019 + self.opts.seed)  # a seed no training batch uses
         captions = torch.randint(len(CAPTIONS), (self.opts.eval_clips,), generator=g)
-        options = torch.tensor([time_variants(int(c)) for c in captions])  # (n, 6)
+        options = self.time_variants[captions]  # (n, 6)
         return dict(video=render(captions.tolist(), self.cfg.frames, self.cfg.image_size, g),
                     ids=self.bank_ids[captions].cpu(), mask=self.bank_mask[captions].cpu(), label=captions,
                     options_ids=self.bank_ids[options].cpu(), options_mask=self.bank_mask[options].cpu())
