@@ -8,18 +8,21 @@ previous and next frame (temporal token rolling), so frames see each other at no
 FLOPs. Outputs are averaged over frames.
 
 This file: config and presets, temporal rolling, the model (embeddings, blocks, heads), the losses
-(VTM, MLM, contrastive) and loading of official checkpoints.
+(VTM, MLM, contrastive) and loading of official checkpoints, without running code from the file.
 
 Shape letters, used everywhere:
   b batch   t frames   n video tokens per frame (video [CLS] included)   l text length   d width
-  h heads   e head width   s sequence length   v vocabulary
-Videos are (b, t, c, H, W) float tensors in [-1, 1] (mean 0.5, std 0.5 per channel).
+  h heads   e head width   s sequence length   v vocabulary   k options (multiple choice)
+Videos are (b, t, c, H, W) float tensors of normalised pixels: official checkpoints were trained on ImageNet's mean
+and std; train_tiny.py's runs from scratch map pixels to [-1, 1].
 """
 
 import math
+import pickle
 import warnings
+import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple, Optional
 
 import torch
@@ -53,6 +56,7 @@ class Config:
     video_pos_std: float = 0.02  # init std of the video position embedding (official 0.02)
     video_time_std: float = 0.0  # init std of the video time (temporal) embedding (official: zeros)
     num_answers: int = 0  # > 0 adds the open-ended QA classifier
+    mc_head: bool = False  # adds the multiple-choice scorer (official rank_output)
 
     def __post_init__(self):
         if self.dim % self.heads:
@@ -241,11 +245,15 @@ class AllInOne(nn.Module):
         if cfg.num_answers:  # open-ended QA: a classifier over the answer vocabulary, on the pooled feature
             h = d // 2
             self.qa_head = nn.Sequential(nn.Dropout(0.5), nn.Linear(d, h), nn.LayerNorm(h), nn.GELU(), nn.Linear(h, cfg.num_answers))
+        if cfg.mc_head:  # multiple choice: one score per (clip, option) pair
+            self.mc_head = nn.Linear(d, 1)
         self.apply(self._init)
         nn.init.trunc_normal_(self.video_embed.cls, std=0.02)
         nn.init.trunc_normal_(self.video_embed.pos, std=cfg.video_pos_std)
         if cfg.video_time_std:
             nn.init.trunc_normal_(self.video_embed.temporal, std=cfg.video_time_std)
+        if cfg.mc_head:
+            self.init_mc_head()
 
     @staticmethod
     def _init(m):
@@ -344,18 +352,33 @@ class AllInOne(nn.Module):
 
     # --- downstream scores
 
-    def match_score(self, pooled):  # (b, d) -> (b,): the VTM "match" logit, for multiple choice and re-ranking
+    def match_score(self, pooled):  # (b, d) -> (b,): the VTM "match" logit, for zero-shot multiple choice and re-ranking
         return F.linear(pooled, self.vtm_head.weight[1:], self.vtm_head.bias[1:])[:, 0]
+
+    def mc_score(self, pooled):  # (b, d) -> (b,): multiple-choice score: mc_head once fine-tuned, else the match logit
+        return self.mc_head(pooled)[:, 0] if self.cfg.mc_head else self.match_score(pooled)
+
+    @torch.no_grad()
+    def init_mc_head(self):
+        """Start the multiple-choice scorer as a copy of the VTM "match" row, as the official code starts its
+        rank_output: fine-tuning then starts from the zero-shot scores."""
+        self.mc_head.weight.copy_(self.vtm_head.weight[1:])
+        self.mc_head.bias.copy_(self.vtm_head.bias[1:])
 
     # --- official checkpoints
 
     @classmethod
     def from_official(cls, ckpt, frames=None, heads=None, **overrides):
         """Build a model from an official checkpoint: a path to a Lightning .ckpt (weights under "state_dict") or a
-        plain state dict file, or an in-memory state dict. The config is read from the tensor shapes; heads defaults
-        to dim / 64 (all official sizes). `frames` other than the checkpoint's crops or zero-pads the temporal
-        embedding, as the official loader does. Returns the model in eval mode."""
-        raw = _read_checkpoint(ckpt)
+        plain state dict file, both read with load_checkpoint (no code from the file runs), or a dict read from one.
+
+        The config is read from the tensor shapes. The number of heads is not in the shapes: it comes from `heads`,
+        else the checkpoint's hyper-parameters, else the width when it is an official size (192, 384, 768: heads of
+        64). `frames` other than the checkpoint's crops or zero-pads the temporal embedding, as the official loader
+        does. A multiple-choice checkpoint's rank_output becomes mc_head; `mc_head=True` on another starts it from
+        the VTM match row. Returns the model in eval mode; `model.fresh_heads` names the heads the checkpoint lacked."""
+        ckpt = ckpt if isinstance(ckpt, Mapping) else load_checkpoint(ckpt)
+        raw = {k.removeprefix("module."): v for k, v in ckpt.get("state_dict", ckpt).items() if torch.is_tensor(v)}
         names = {_our_name(k): k for k in raw}  # ours -> the checkpoint's, to report keys as the file names them
         state = {ours: raw[k] for ours, k in names.items()}
         missing = [k for k in SHAPE_KEYS if k not in state]
@@ -363,20 +386,24 @@ class AllInOne(nn.Module):
             raise ValueError(f"checkpoint lacks backbone weights: {', '.join(missing)}")
         word, patch = state["text_embed.word.weight"], state["video_embed.patch.weight"]
         dim, ckpt_frames = word.shape[1], state["video_embed.temporal"].shape[1]
-        cfg = Config(
-            dim=dim,
-            depth=len({k.split(".")[1] for k in state if k.startswith("blocks.")}),
-            heads=heads or dim // 64,
-            mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] // dim,
-            frames=frames or ckpt_frames,
-            image_size=math.isqrt(state["video_embed.pos"].shape[1] - 1) * patch.shape[-1],
-            patch_size=patch.shape[-1],
-            max_text_len=state["text_embed.pos.weight"].shape[0],
-            vocab_size=word.shape[0],
-            contrastive_dim=state["text_proj.weight"].shape[0] if "text_proj.weight" in state else Config.contrastive_dim,
-            num_answers=state["qa_head.4.weight"].shape[0] if "qa_head.4.weight" in state else 0,
+        answers = state["qa_head.4.weight"].shape[0] if "qa_head.4.weight" in state else 0
+        if answers and overrides.get("num_answers", answers) != answers:
+            raise ValueError(f"the checkpoint's QA head has {answers} answers, not {overrides['num_answers']}")
+        cfg = Config(**{
+            "dim": dim,
+            "depth": len({k.split(".")[1] for k in state if k.startswith("blocks.")}),
+            "heads": heads or _official_heads(ckpt, dim),
+            "mlp_ratio": state["blocks.0.mlp.fc1.weight"].shape[0] // dim,
+            "frames": frames or ckpt_frames,
+            "image_size": math.isqrt(state["video_embed.pos"].shape[1] - 1) * patch.shape[-1],
+            "patch_size": patch.shape[-1],
+            "max_text_len": state["text_embed.pos.weight"].shape[0],
+            "vocab_size": word.shape[0],
+            "contrastive_dim": state["text_proj.weight"].shape[0] if "text_proj.weight" in state else Config.contrastive_dim,
+            "num_answers": answers,
+            "mc_head": "mc_head.weight" in state,
             **overrides,
-        )
+        })
         if cfg.frames != ckpt_frames:  # crop, or pad with zeros, the temporal embedding
             temporal = state["video_embed.temporal"][:, : cfg.frames]
             state["video_embed.temporal"] = F.pad(temporal, (0, 0, 0, cfg.frames - temporal.shape[1]))
@@ -390,10 +417,16 @@ class AllInOne(nn.Module):
         extra = [names[k] for k in state if k not in expected]
         if extra:
             warnings.warn(f"ignored checkpoint entries (not part of this model): {', '.join(extra)}")
-        fresh = [k for k in expected if k not in state]
+        from_match_row = cfg.mc_head and "mc_head.weight" not in state
+        fresh = [k for k in expected if k not in state and not (from_match_row and k.startswith("mc_head."))]
+        if from_match_row and "vtm_head.weight" not in state:
+            fresh += ["mc_head.weight", "mc_head.bias"]  # a copy of a fresh row
         if fresh:
             warnings.warn(f"heads not in the checkpoint, left freshly initialised: {', '.join(fresh)}")
         model.load_state_dict({**expected, **{k: v for k, v in state.items() if k in expected}})
+        if from_match_row:
+            model.init_mc_head()  # the loaded match row: fine-tuning starts from the zero-shot scores
+        model.fresh_heads = tuple(sorted({k.split(".")[0] for k in fresh}))
         return model.eval()
 
 
@@ -401,14 +434,21 @@ class AllInOne(nn.Module):
 # Losses (pure functions of tensors)
 
 
-def mlm_mask(ids, mask, vocab_size, prob=0.15, mask_id=MASK_ID, special_ids=(PAD_ID, CLS_ID, SEP_ID), generator=None):
+def mlm_mask(ids, mask, vocab_size, prob=0.15, mask_id=MASK_ID, special_ids=(PAD_ID, CLS_ID, SEP_ID), continues=None,
+             generator=None):
     """BERT masking. Picks `prob` of the real (mask == 1), non-special tokens; of those 80% become [MASK], 10% a random
-    token, 10% stay. Returns (masked ids, labels) with labels -100 everywhere but the picked positions."""
+    token, 10% stay. With `continues` (b, l), True where a token continues the word before it (WordPiece's "##"
+    pieces), whole words are picked: `prob` of the words, each with all its pieces. Returns (masked ids, labels), labels
+    -100 everywhere but the picked positions."""
     def rand(p):
         return torch.rand(ids.shape, generator=generator, device=ids.device) < p
 
+    lots = torch.rand(ids.shape, generator=generator, device=ids.device)
+    if continues is not None:  # every piece takes the lot drawn at its word's first piece
+        position = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        lots = lots.gather(1, torch.where(continues, 0, position).cummax(1).values)
     can = mask.bool() & ~torch.isin(ids, torch.tensor(special_ids, device=ids.device))
-    picked = can & rand(prob)
+    picked = can & (lots < prob)
     to_mask = picked & rand(0.8)
     to_random = picked & ~to_mask & rand(0.5)  # half of the remaining 20%
     random_ids = torch.randint(vocab_size, ids.shape, generator=generator, device=ids.device)
@@ -437,8 +477,9 @@ def vtm_loss(logits, labels):  # (b, 2), (b,)
     return F.cross_entropy(logits, labels)
 
 
-def cosine_similarity(a, b):  # (m, k), (n, k) -> (m, n)
-    return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+def cosine_similarity(a, b):  # (m, k), (n, k) -> (m, n), in float32 even under autocast (bf16 has 3 significant digits)
+    with torch.autocast(a.device.type, enabled=False):
+        return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
 
 
 def contrastive_loss(text_emb, video_emb, temperature=0.05):
@@ -449,7 +490,7 @@ def contrastive_loss(text_emb, video_emb, temperature=0.05):
 
 
 # -----------------------------------------------------------------------------
-# Official checkpoints: their key names, and reading the file
+# Official checkpoints: their key names, and reading a file without running code from it
 
 OFFICIAL_NAMES = {  # official prefix -> ours
     "text_embeddings.word_embeddings": "text_embed.word",
@@ -472,12 +513,14 @@ OFFICIAL_NAMES = {  # official prefix -> ours
     "txt_proj": "text_proj",
     "vid_proj": "video_proj",
     "vqa_classifier": "qa_head",
+    "rank_output": "mc_head",
 }
 SHAPE_KEYS = [  # what the config is read from
     "text_embed.word.weight", "text_embed.pos.weight", "video_embed.patch.weight", "video_embed.pos",
     "video_embed.temporal", "blocks.0.mlp.fc1.weight",
 ]
-HEADS = ("vtm_head.", "mlm_head.", "text_proj.", "video_proj.", "qa_head.")  # may be absent: left freshly initialised
+HEADS = ("vtm_head.", "mlm_head.", "text_proj.", "video_proj.", "qa_head.", "mc_head.")  # may be absent: left fresh
+OFFICIAL_HEADS = {192: 3, 384: 6, 768: 12}  # width -> heads of the official sizes (heads of 64)
 
 
 def _our_name(key):
@@ -487,14 +530,50 @@ def _our_name(key):
     return key  # not an official name: reported as extra unless it is already ours
 
 
-def _read_checkpoint(ckpt):
-    if not isinstance(ckpt, Mapping):
-        try:
-            ckpt = torch.load(ckpt, map_location="cpu", weights_only=True)
-        except Exception as e:  # Lightning checkpoints may pickle their hyper-parameters as Python objects
-            if "weights_only" not in str(e):
-                raise
-            warnings.warn(f"{ckpt} holds pickled Python objects besides tensors; loading it in full (trusted file)")
-            ckpt = torch.load(ckpt, map_location="cpu", weights_only=False)
-    state = ckpt.get("state_dict", ckpt)
-    return {k.removeprefix("module."): v for k, v in state.items() if torch.is_tensor(v)}
+def _official_heads(ckpt, dim):
+    hparams = ckpt.get("hyper_parameters")  # the official LightningModule saves its config there
+    config = hparams.get("config") if isinstance(hparams, Mapping) else None
+    if isinstance(config, Mapping) and isinstance(config.get("num_heads"), int):
+        return config["num_heads"]
+    if dim in OFFICIAL_HEADS:
+        return OFFICIAL_HEADS[dim]
+    raise ValueError(f"the number of attention heads of a width-{dim} model cannot be read from its weights: "
+                     f"pass heads= (train_tiny.py: --heads)")
+
+
+class Unloaded:
+    """Stands in for a class or function a checkpoint refers to: built from nothing, calls nothing."""
+
+    def __new__(cls, *args, **kwargs):
+        return super().__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __repr__(self):
+        return f"<{type(self).__module__}.{type(self).__qualname__}: not loaded>"
+
+
+def load_checkpoint(path):
+    """A torch.save file (a Lightning .ckpt, a state dict, a train_tiny.py checkpoint) read without running any code
+    from it: torch's weights_only loader, which builds tensors and plain containers only. Any other class or function
+    the file names is replaced by an inert stand-in (an `Unloaded`: building one does nothing), so none of them runs,
+    and Lightning 1.1 checkpoints, which key their callbacks' states by the callbacks' classes, load without
+    Lightning; names from the modules os, sys, posix and nt are refused outright. Raises ValueError naming the file
+    and the reason."""
+    try:
+        unknown = torch.serialization.get_unsafe_globals_in_checkpoint(path) if zipfile.is_zipfile(path) else []
+        stand_ins = [(type(name.rpartition(".")[2], (Unloaded,), {"__module__": name.rpartition(".")[0]}), name)
+                     for name in unknown]
+        with torch.serialization.safe_globals(stand_ins):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise ValueError(f"cannot load {path}: {e.strerror}") from None
+    except Exception as e:
+        refused = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]  # torch's reason, not its advice
+        if isinstance(e, pickle.UnpicklingError) and refused:
+            raise ValueError(f"cannot load {path} safely: {refused[0]}") from None
+        raise ValueError(f"cannot load {path}: not a file written by torch.save ({type(e).__name__}: {e})") from None

@@ -1,6 +1,8 @@
 """Tests for allinone.py and train_tiny.py. Quick, CPU only: python -m pytest -q test_allinone.py"""
 
 import contextlib
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -9,8 +11,8 @@ import torch
 from einops import rearrange
 
 from allinone import (
-    CLS_ID, MASK_ID, PAD_ID, SEP_ID, AllInOne, Config, contrastive_loss, mlm_loss, mlm_mask, temporal_roll, vtm_batch,
-    vtm_loss,
+    CLS_ID, MASK_ID, PAD_ID, SEP_ID, AllInOne, Config, Unloaded, contrastive_loss, cosine_similarity, load_checkpoint,
+    mlm_loss, mlm_mask, temporal_roll, vtm_batch, vtm_loss,
 )
 
 HERE = Path(__file__).parent
@@ -219,18 +221,55 @@ def test_roll_differs_from_none_only_through_rolled_slots():
     assert not torch.allclose(rolled.video, plain.video, atol=1e-4)
 
 
-def test_temporal_modes_shapes():
+def test_flatten_is_one_sequence_of_the_text_and_every_frame():
+    # by hand: [text | frame 0 tokens | frame 1 tokens | ...] through the blocks, final norm, text kept, frames averaged
+    model = small_model(temporal="flatten").eval()
     video, ids, mask = small_batch()
-    for mode in ("roll", "none", "flatten"):
-        for video_only_temporal in (False, True):
-            model = small_model(temporal=mode, video_only_temporal=video_only_temporal)
-            out = model(video, ids, mask)
-            n = model.cfg.tokens_per_frame
-            assert out.text.shape == (2, 8, 32) and out.video.shape == (2, n, 32) and out.pooled.shape == (2, 32)
-            v = model.encode_video(video)
-            assert v.video.shape == (2, n, 32) and v.pooled.shape == (2, 32) and v.text is None
-            t = model.encode_text(ids, mask)
-            assert t.text.shape == (2, 8, 32) and t.video is None
+    with torch.no_grad():
+        out = model(video, ids, mask)
+        text, key_mask = model.embed_text(ids, mask)
+        frames = model.embed_video(video)  # (b, t, n, d)
+        x = torch.cat([text] + [frames[:, i] for i in range(frames.shape[1])], dim=1)
+        keys = torch.cat([mask.bool(), torch.ones(2, x.shape[1] - ids.shape[1], dtype=torch.bool)], 1)[:, None, None]
+        for block in model.blocks:
+            x = block(x, keys)
+        x = model.norm(x)
+        l, n = ids.shape[1], frames.shape[2]
+        video_tokens = torch.stack([x[:, l + i * n: l + (i + 1) * n] for i in range(frames.shape[1])]).mean(0)
+    assert torch.allclose(out.text, x[:, :l], atol=1e-6) and torch.allclose(out.video, video_tokens, atol=1e-6)
+    assert torch.allclose(out.pooled, torch.tanh(model.pooler(x[:, 0])), atol=1e-6)
+    # the video-only pass of flatten: the same without text, when asked for
+    model.cfg = replace(model.cfg, video_only_temporal=True)
+    with torch.no_grad():
+        v = frames.flatten(1, 2)
+        for block in model.blocks:
+            v = block(v)
+        v = model.norm(v).view(2, 3, n, -1).mean(1)
+        assert torch.allclose(model.encode_video(video).video, v, atol=1e-6)
+
+
+def test_video_only_temporal_changes_the_video_only_pass_only_through_rolled_slots():
+    # as in the joint pass above: frames that differ only in a patch that stays put give the same output with and
+    # without rolling in the video-only pass; a difference in a rolled patch shows
+    model = small_model(depth=1).eval()
+    with torch.no_grad():
+        model.video_embed.temporal.zero_()
+    video = small_batch()[0]
+    video[:] = video[:, :1]
+    video[:, :, :, 8:16, 8:16] = torch.randn(2, 3, 3, 8, 8)  # patch 5: not rolled
+
+    def both(v):
+        with torch.no_grad():
+            model.cfg = replace(model.cfg, video_only_temporal=True)
+            rolled = model.encode_video(v)
+            model.cfg = replace(model.cfg, video_only_temporal=False)
+            return rolled, model.encode_video(v)
+
+    rolled, plain = both(video)
+    assert torch.allclose(rolled.video, plain.video, atol=1e-6) and torch.allclose(rolled.pooled, plain.pooled, atol=1e-6)
+    video[:, :, :, 0:8, 0:8] = torch.randn(2, 3, 3, 8, 8)  # patch 0: rolled
+    rolled, plain = both(video)
+    assert not torch.allclose(rolled.video, plain.video, atol=1e-4)
 
 
 # --- padding, inputs ----------------------------------------------------------------------------------------------
@@ -360,23 +399,143 @@ def test_match_score_is_the_vtm_match_logit():
     assert torch.allclose(model.match_score(pooled), model.vtm_head(pooled)[:, 1])
 
 
+
+def test_mc_head_starts_as_the_match_row_and_scores_with_it():
+    model = small_model(mc_head=True).eval()
+    pooled = torch.randn(3, 32)
+    assert torch.allclose(model.mc_score(pooled), model.match_score(pooled))  # fine-tuning starts from zero-shot
+    with torch.no_grad():
+        model.vtm_head.weight.add_(1.0)  # the scorer is a copy, not a view: it trains on its own
+    assert not torch.allclose(model.mc_score(pooled), model.match_score(pooled))
+    assert torch.allclose(small_model().mc_score(pooled), small_model().match_score(pooled))  # without mc_head
+
+
+def test_official_rank_output_loads_into_mc_head(official):
+    state = dict(official["state_dict"])
+    state["rank_output.weight"], state["rank_output.bias"] = torch.randn(1, 64), torch.tensor([0.5])
+    model = AllInOne.from_official(state, heads=2)
+    assert model.cfg.mc_head and torch.equal(model.mc_head.weight, state["rank_output.weight"])
+    pooled = torch.randn(4, 64)
+    assert torch.allclose(model.mc_score(pooled), pooled @ state["rank_output.weight"][0] + 0.5, atol=1e-6)
+    # asked for on a checkpoint without one: the checkpoint's own match row
+    plain = AllInOne.from_official(official["state_dict"], heads=2, mc_head=True)
+    assert torch.equal(plain.mc_head.weight, official["state_dict"]["itm_score.fc.weight"][1:])
+    assert "mc_head" not in plain.fresh_heads
+
+
+def test_from_official_heads_from_hyper_parameters_widths_or_an_error(official):
+    state = official["state_dict"]  # width 64, 2 heads: nothing in the shapes says 2
+    with pytest.raises(ValueError, match="heads= .train_tiny.py: --heads"):
+        AllInOne.from_official(state)
+    assert AllInOne.from_official({"state_dict": state, "hyper_parameters": {"config": {"num_heads": 2}}}).cfg.heads == 2
+    wide = {k: v for k, v in AllInOne(Config.preset("tiny", depth=1)).state_dict().items()}
+    assert AllInOne.from_official(wide).cfg.heads == 3  # All-in-one-Ti's width
+
+
+class Payload:  # a pickle that runs code when a naive loader reads it
+    def __init__(self, fn, arg):
+        self.fn, self.arg = fn, arg
+
+    def __reduce__(self):
+        return self.fn, (self.arg,)
+
+
+def craft(path, marker, via="exec"):
+    """A checkpoint-looking file whose unpickling would create `marker`."""
+    import builtins
+    import os
+    fn, arg = (builtins.exec, f"open({str(marker)!r}, 'w')") if via == "exec" else (os.system, f"touch {marker}")
+    torch.save({"model": Payload(fn, arg), "state_dict": {"w": torch.ones(1)}}, path)
+    return path
+
+
+def lightning_checkpoint(path, monkeypatch, **extra):
+    """An official-format file: Lightning 1.1 keys its callbacks' states by their classes, so its pickle names
+    pytorch_lightning; saved with stand-in modules that are gone again when it is read."""
+    import types
+    with monkeypatch.context() as m:
+        for name in ("pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"):
+            m.setitem(sys.modules, name, types.ModuleType(name))
+        cls = type("ModelCheckpoint", (), {"__module__": "pytorch_lightning.callbacks.model_checkpoint"})
+        sys.modules["pytorch_lightning.callbacks.model_checkpoint"].ModelCheckpoint = cls
+        torch.save(dict(epoch=9, global_step=100, callbacks={cls: dict(best_model_score=torch.tensor(0.5))}, **extra), path)
+    assert "pytorch_lightning" not in sys.modules
+    return path
+
+
+def test_load_checkpoint_runs_no_code_and_reads_lightning_files_without_lightning(tmp_path, official, monkeypatch):
+    marker = tmp_path / "marker"
+    loaded = load_checkpoint(craft(tmp_path / "exec.pt", marker))
+    assert isinstance(loaded["model"], Unloaded) and not marker.exists()  # a stand-in, never called
+    with pytest.raises(ValueError, match="system.pt safely: .*posix.system"):
+        load_checkpoint(craft(tmp_path / "system.pt", marker, via="system"))
+    assert not marker.exists()
+    path = lightning_checkpoint(tmp_path / "official.ckpt", monkeypatch, state_dict=official["state_dict"],
+                                hyper_parameters=dict(config=dict(num_heads=2, hidden_size=64)))
+    model = AllInOne.from_official(path)  # heads from the hyper-parameters
+    assert model.cfg.heads == 2 and torch.equal(model.pooler.weight, official["state_dict"]["pooler.dense.weight"])
+    for bad, message in [(tmp_path, "Is a directory"), (tmp_path / "none.pt", "No such file"),
+                         (HERE / "README.md", "not a file written by torch.save")]:
+        with pytest.raises(ValueError, match=message):
+            load_checkpoint(bad)
+
+
+def test_whole_word_masking_masks_a_words_pieces_together():
+    # "[CLS] the walk ##ing man ##ly run ##s [SEP]": pieces (##) take their word's lot
+    ids = torch.tensor([[101, 5, 6, 7, 8, 9, 10, 11, 102]]).repeat(2000, 1)
+    continues = torch.tensor([[False, False, False, True, False, True, False, True, False]]).repeat(2000, 1)
+    out, labels = mlm_mask(ids, torch.ones_like(ids), 50, continues=continues, generator=torch.Generator().manual_seed(0))
+    picked = labels != -100
+    for word in ([2, 3], [4, 5], [6, 7]):
+        assert (picked[:, word[0]] == picked[:, word[1]]).all()  # all or nothing
+    assert 0.13 < picked[:, 1].float().mean() < 0.17 and 0.13 < picked[:, 2].float().mean() < 0.17  # 15% of words
+    assert not picked[:, [0, 8]].any()
+    _, alone = mlm_mask(ids, torch.ones_like(ids), 50, generator=torch.Generator().manual_seed(0))
+    assert not ((alone[:, 2] != -100) == (alone[:, 3] != -100)).all()  # without it, pieces are picked alone
+
+
+def test_cosine_similarity_stays_float32_under_autocast():
+    a = torch.tensor([[1.0, 0.0]])
+    b = torch.tensor([[0.992, (1 - 0.992**2) ** 0.5], [0.994, (1 - 0.994**2) ** 0.5]])  # cosines 0.992 and 0.994
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a stand-in for a GPU's autocast
+        sims = cosine_similarity(a, b)
+        lossy = torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(b, dim=-1).T
+        loss = contrastive_loss(b, b)
+    assert sims.dtype == torch.float32 and torch.allclose(sims, torch.tensor([[0.992, 0.994]]), atol=1e-6)
+    assert lossy.dtype == torch.bfloat16 and lossy[0, 0] == lossy[0, 1]  # what bf16 would have made of them
+    assert loss.dtype == torch.float32
+
+
 # =====================================================================================================================
-# train_tiny.py: synthetic data, metrics, checkpoints, options, DDP
+# train_tiny.py: the synthetic world, evaluation, training runs, checkpoints and the run folder, options, DDP
 
 import json  # noqa: E402
 import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 import train_tiny as tt  # noqa: E402
+from allinone import Output  # noqa: E402
 
 QUICK = ["--batch", "8", "--vtm-clips", "4", "--mlm-clips", "2", "--eval-clips", "16", "--log-every", "1",
          "--warmup", "2", "--device", "cpu"]
 
 
-def test_caption_grammar_and_time_variants():
+def run_cli(argv, capsys):
+    """train_tiny's command line in this process: (exit status, stdout, stderr)."""
+    try:
+        tt.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_caption_grammar_time_variants_and_questions():
     assert len(tt.CAPTIONS) == 4 * 3 * 6
     i = tt.CAPTIONS.index(("red", "circle", "moves left"))
     variants = tt.time_variants(i)
@@ -384,29 +543,43 @@ def test_caption_grammar_and_time_variants():
     assert len(set(variants)) == 6 and all(tt.CAPTIONS[j][:2] == ("red", "circle") for j in variants)
     looks = [tt.CAPTIONS[j] for j in tt.looks_variants(i)]
     assert len(set(looks)) == 5 and all(c[2] == "moves left" and (c[0] == "red") != (c[1] == "circle") for c in looks)
-    tok = tt.make_tokenizer("", [tt.caption_text(i) for i in range(len(tt.CAPTIONS))])
+    # every answer follows from the caption: the words of the caption that the question asks about
+    for j in range(len(tt.CAPTIONS)):
+        text = tt.caption_text(j)
+        answers = [tt.answer_to(j, kind) for kind in tt.QUESTIONS]
+        assert text == f"a {answers[0]} {answers[1]} {answers[2]}" and all(a in tt.ANSWERS for a in answers)
+    tok = tt.make_tokenizer("", tt.texts_of(None))
     assert tok.encode("A red circle moves left").tokens == ["[CLS]", "a", "red", "circle", "moves", "left", "[SEP]"]
-    assert tok.get_vocab_size() == 5 + 15 and tok.token_to_id("[UNK]") not in tok.encode(tt.caption_text(i)).ids
+    assert tok.encode("what does the shape do?").tokens[-3:] == ["do", "?", "[SEP]"]  # question words are known too
+    unk = tok.token_to_id("[UNK]")
+    assert all(unk not in tok.encode(t).ids for t in tt.texts_of(None))
 
 
-def test_bert_vocab_tokenizer(tmp_path):
+def test_bert_vocab_tokenizer_and_bad_vocab_files(tmp_path):
     words = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "ball",
                                                                "roll", "##s", ","]
     (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
     tok = tt.make_tokenizer(tmp_path / "vocab.txt", [])
     assert tok.encode("A red ball, rolls").tokens == ["[CLS]", "a", "red", "ball", ",", "roll", "##s", "[SEP]"]
     assert [tok.token_to_id(t) for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]")] == [PAD_ID, CLS_ID, SEP_ID, MASK_ID]
-    (tmp_path / "words.txt").write_text("a\nred\n")
-    with pytest.raises(ValueError, match="lacks the special tokens"):
-        tt.make_tokenizer(tmp_path / "words.txt", [])
+    text = tt.Text(tok, 16)
+    ids, mask = text(["a red ball rolls"] * 4000)
+    _, labels = text.mask_words(ids, mask, len(words), torch.Generator().manual_seed(0))
+    roll, s = (labels[:, 4] != -100), (labels[:, 5] != -100)  # "roll" "##s": one word, masked together
+    assert torch.equal(roll, s) and 0.12 < roll.float().mean() < 0.18
+    for content, message in [("a\nred\n", "lacks the special tokens"), ("\n".join(words + ["red"]), "line 111: 'red' again"),
+                             ("\n".join(words[:50] + [""] + words[50:]), "line 51: blank")]:
+        (tmp_path / "bad.txt").write_text(content)
+        with pytest.raises(tt.BadInput, match=message):
+            tt.make_tokenizer(tmp_path / "bad.txt", [])
 
 
 def test_render_moves_the_shape_the_way_the_caption_says():
     g = torch.Generator().manual_seed(0)
     names = [("red", "square", m) for m in tt.MOTIONS]
     video = tt.render([tt.CAPTIONS.index(c) for c in names], 4, 32, g)
-    assert video.shape == (6, 4, 3, 32, 32) and video.min() >= -1 and video.max() <= 1
-    red = (video[:, :, 0] > 0.4) & (video[:, :, 1] < -0.2)  # (clip, frame, y, x)
+    assert video.shape == (6, 4, 3, 32, 32) and video.min() >= 0 and video.max() <= 1
+    red = (video[:, :, 0] > 0.7) & (video[:, :, 1] < 0.4)  # (clip, frame, y, x)
     grid = torch.arange(32.0)
     for clip, (_, _, motion) in enumerate(names):
         present = red[clip].flatten(1).any(1)
@@ -426,30 +599,19 @@ def test_render_moves_the_shape_the_way_the_caption_says():
             assert present[0] and not present[-1]
 
 
-def test_recall_and_multiple_choice_on_hand_made_matrices():
-    sim = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.1, 0.8], [0.5, 0.4, 0.3]])  # 3 queries, 3 items
-    labels = torch.tensor([0, 1, 2])
-    assert tt.recall_at_k(sim, labels, labels, 1) == pytest.approx(1 / 3)  # only query 0 ranks its item first
-    assert tt.recall_at_k(sim, labels, labels, 2) == pytest.approx(1 / 3)  # query 1's item is 3rd, query 2's too
-    assert tt.recall_at_k(sim, labels, labels, 3) == 1
-    items = torch.tensor([1, 0, 0])  # a hit is any item with the query's label
-    assert tt.recall_at_k(sim, torch.tensor([1, 0, 0]), items, 1) == pytest.approx(2 / 3)
-    scores = torch.tensor([[3.0, 1, 0, 0], [0, 2, 1, 0], [5, 1, 1, 6]])
-    assert tt.multiple_choice_acc(scores, torch.tensor([0, 1, 0])) == pytest.approx(2 / 3)
-
-
-def tiny_setup(**kw):
-    opts = tt.Options(**{"batch": 16, "vtm_clips": 8, "mlm_clips": 4, **kw})
-    tok = tt.make_tokenizer("", [tt.caption_text(i) for i in range(len(tt.CAPTIONS))])
-    cfg = Config.preset("nano", vocab_size=tok.get_vocab_size(), video_only_temporal=True, dropout=0.0)
+def tiny_setup(task="pretrain", **kw):
+    opts = tt.Options(**{**tt.TASK_DEFAULTS[task], "task": task, "batch": 16, "vtm_clips": 8, "mlm_clips": 4, **kw})
+    tok = tt.make_tokenizer("", tt.texts_of(None))
+    cfg = Config.preset("nano", vocab_size=tok.get_vocab_size(), video_only_temporal=True, dropout=0.0,
+                        mc_head=task == "mc", num_answers=len(tt.ANSWERS) if task == "qa" else 0)
     text = tt.Text(tok, cfg.max_text_len)
     torch.manual_seed(0)
-    return opts, cfg, text, AllInOne(cfg), tt.Synthetic(cfg, text, opts, torch.device("cpu"))
+    return opts, cfg, text, AllInOne(cfg), tt.Synthetic(cfg, text, opts, "ours", torch.device("cpu"))
 
 
 def test_loss_goes_down_on_a_fixed_batch():
     opts, cfg, text, model, data = tiny_setup(mlm_clips=8)
-    objective = tt.Objective(model, opts.temperature)
+    objective = tt.Pretrain(model, opts.temperature)
     batch = data.batch(0)
     assert (batch["mlm_labels"] != -100).sum() >= 2  # something to predict
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
@@ -464,15 +626,55 @@ def test_loss_goes_down_on_a_fixed_batch():
         assert losses[-1][k] < 0.8 * losses[0][k], (k, losses[0][k], losses[-1][k])
 
 
-def test_synthetic_batches_are_deterministic_and_held_out_is_new():
+def test_synthetic_batches_are_deterministic_and_split_among_processes():
     opts, cfg, text, model, data = tiny_setup()
     a, b = data.batch(3), data.batch(3)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(data.batch(4)["video"], a["video"])
     assert a["vtm_labels"].sum() == 4 and len(a["vtm_ids"]) == 8 and len(a["mlm_ids"]) == 4
+    assert a["video"].min() == -1 and a["video"].max() == 1  # "ours": pixels in [-1, 1]
+    # two processes: process r takes clips r, r + 2, ... of the same global batch, the VTM and MLM clips among them
+    halves = [tt.Synthetic(cfg, text, opts, "ours", torch.device("cpu"), rank=r, world=2).batch(3) for r in (0, 1)]
+    for key in a:
+        if key in tt.Synthetic.shared:
+            assert all(torch.equal(h[key], a[key]) for h in halves)
+        else:
+            assert all(torch.equal(h[key], a[key][r::2]) for r, h in enumerate(halves)), key
+    assert torch.equal(halves[1]["video"][:4], a["video"][:8][1::2])  # its VTM clips come first
+
+
+def test_held_out_is_new_compact_and_complete_for_each_task():
+    opts, cfg, text, model, data = tiny_setup(eval_clips=24)
     held = data.held_out()
-    assert held["video"].shape == (opts.eval_clips, 4, 3, 32, 32)
-    assert (held["options_ids"][:, 0] == held["ids"]).all()
+    assert held["video"].dtype == torch.uint8 and held["video"].shape == (24, 4, 3, 32, 32)
+    c = held["captions"]
+    assert torch.equal(c["ids"], data.bank_ids[c["label"]])
+    options = held["mc"]["mc_acc"]["ids"]
+    assert (options[:, 0] == c["ids"]).all()
+    _, _, _, _, mc = tiny_setup("mc", eval_clips=24)
+    sets = mc.held_out()["mc"]
+    for name, s in sets.items():  # the answer is each clip's own caption; time-only options differ only in time
+        assert s["ids"].shape[:2] == (24, 5) and (s["answer"] >= 0).all()
+    times = sets["mc_acc_time"]
+    _, _, _, _, qa = tiny_setup("qa", eval_clips=24)
+    q = qa.held_out()["qa"]
+    assert len(q["ids"]) == 72 and q["types"] == ["colour", "shape", "motion"]
+    assert times["ids"].shape == (24, 5, times["ids"].shape[2])
+
+
+def test_mc_option_sets_hold_the_answer_and_the_right_kind_of_distractors():
+    opts, cfg, text, model, data = tiny_setup("mc")
+    g = torch.Generator().manual_seed(0)
+    captions = torch.randint(72, (200,), generator=g)
+    for time_only in (True, False):
+        options, answer = data.option_sets(captions, torch.full((200,), time_only), g)
+        assert torch.equal(options[torch.arange(200), answer], captions)
+        for row, own in zip(options.tolist(), captions.tolist()):
+            assert len(set(row)) == 5
+            others = [tt.CAPTIONS[j] for j in row if j != own]
+            if time_only:
+                assert all(o[:2] == tt.CAPTIONS[own][:2] for o in others)
+    assert len(set(answer.tolist())) == 5  # the answer is not always in the same place
 
 
 def test_vtm_mismatches_follow_the_curriculum():
@@ -493,12 +695,178 @@ def test_vtm_mismatches_follow_the_curriculum():
     assert 0.7 < early["time"] < 0.9 and 0.3 < late["time"] < 0.55
     assert 0.2 < late["looks"] < 0.45 and 0.15 < late["other"] < 0.4  # the rest: half colour- or shape-only
 
-def test_evaluate_reports_every_metric_in_range():
-    opts, cfg, text, model, data = tiny_setup(eval_clips=24)
-    metrics = tt.evaluate(model, data.held_out(), text, contextlib.nullcontext())
-    assert set(metrics) == {"vtm_acc", "vtm_acc_temporal", "mc_acc", "mlm_acc", "t2v_r1", "t2v_r5", "v2t_r1"}
-    assert all(0 <= v <= 1 for v in metrics.values())
-    assert model.training  # evaluate switches back
+
+# --- evaluation, on a stand-in model whose scores are known -----------------------------------------------------------
+
+
+def test_ranks_and_recall_on_hand_made_similarities():
+    hits = torch.eye(5, dtype=torch.bool).repeat_interleave(4, 0)  # 5 clips x 4 captions: caption i belongs to clip i // 4
+    perfect = hits.float()
+    ranks = tt.first_hit_ranks(perfect, hits)
+    assert (ranks == 1).all() and tt.retrieval_metrics(ranks, "t2v") == dict(t2v_r1=1.0, t2v_r5=1.0, t2v_r10=1.0, t2v_medr=1.0)
+    assert (tt.first_hit_ranks(perfect.T, hits.T) == 1).all()  # video to text: any of its 4 captions is a hit
+    # a known ranking: every caption puts its clip at place 1 + (i % 5)
+    sim = torch.zeros(20, 5)
+    for i in range(20):
+        order = [(i // 4 + j) % 5 for j in range(5)]  # wrong clips first
+        place = i % 5
+        ranked = order[1: place + 1] + [order[0]] + order[place + 1:]
+        sim[i, ranked] = torch.tensor([5.0, 4, 3, 2, 1])
+    ranks = tt.first_hit_ranks(sim, hits)
+    assert ranks.tolist() == [1 + i % 5 for i in range(20)]
+    m = tt.retrieval_metrics(ranks, "t2v")
+    assert m == pytest.approx(dict(t2v_r1=4 / 20, t2v_r5=1.0, t2v_r10=1.0, t2v_medr=3.0))
+    # ties count against the model; NaN ranks last
+    assert tt.first_hit_ranks(torch.zeros(20, 5), hits).tolist() == [5] * 20
+    assert tt.first_hit_ranks(torch.full((20, 5), float("nan")), hits).tolist() == [5] * 20
+    assert tt.strictly_best(torch.tensor([[1.0, 1.0], [2.0, 1.0], [float("nan"), 0.0]]), torch.tensor([0, 0, 0])).tolist() == [False, True, False]
+
+
+class Oracle(torch.nn.Module):
+    """A stand-in for AllInOne whose scores are known: a clip's number is in its first pixel, a text's in its first
+    word; clip c matches the texts whose word is truth[c]. Video-only features point at `shown[c]`."""
+
+    def __init__(self, truth, shown=None, vocab=40, answers=0, flat=False):
+        super().__init__()
+        self.truth, self.shown, self.flat, self.vocab = truth, truth if shown is None else shown, flat, vocab
+        self.cfg = SimpleNamespace(vocab_size=vocab, mc_head=False, num_answers=answers)
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.text_proj = self.video_proj = self.mlm_head = torch.nn.Identity()
+        self.vtm_head = self.qa_head = torch.nn.Identity()
+
+    def clip(self, video):
+        return ((video[:, 0, 0, 0, 0] + 1) * 127.5).round().long()
+
+    def forward(self, video, ids, mask):
+        match = (self.truth[self.clip(video)] == ids[:, 1]).float()
+        pooled = torch.stack([1 - match, match], 1) * (0 if self.flat else 1)  # VTM logits (no match, match)
+        if self.cfg.num_answers:  # QA: answer = the clip's number, when the question's word is 1
+            pooled = torch.nn.functional.one_hot(self.clip(video) % self.cfg.num_answers, self.cfg.num_answers).float()
+            pooled = pooled * (ids[:, 1:2] == 1) * (0 if self.flat else 1)
+        text = torch.nn.functional.one_hot(ids, self.vocab).float() * (0 if self.flat else 1)  # MLM: the word it sees
+        return Output(text=text, video=None, pooled=pooled)
+
+    def encode_text(self, ids, mask):
+        return Output(text=torch.nn.functional.one_hot(ids[:, 1:2], self.vocab).float(), video=None, pooled=None)
+
+    def encode_video(self, video):
+        return Output(text=None, video=torch.nn.functional.one_hot(self.shown[self.clip(video)], self.vocab)[:, None].float(),
+                      pooled=None)
+
+    def mc_score(self, pooled):
+        return pooled[:, 1]
+
+
+def held_out_of(n_clips, captions_per_clip, text, words):
+    """A held-out set: clip c has captions_per_clip captions, all with the word words[c]."""
+    video = torch.zeros(n_clips, 2, 3, 4, 4, dtype=torch.uint8)
+    video[:, 0, 0, 0, 0] = torch.arange(n_clips, dtype=torch.uint8)
+    captions = [f"w{words[c]} x{k}" for c in range(n_clips) for k in range(captions_per_clip)]
+    ids, mask = text(captions)
+    clip = torch.arange(n_clips).repeat_interleave(captions_per_clip)
+    return dict(video=video, captions=dict(ids=ids, mask=mask, clip=clip, first=torch.arange(n_clips) * captions_per_clip,
+                                           label=clip, clip_label=torch.arange(n_clips),
+                                           text=torch.arange(len(captions))))
+
+
+def oracle_text():
+    words = [f"w{i}" for i in range(20)] + [f"x{k}" for k in range(4)] + ["what", "is", "it"]
+    tok = tt.make_tokenizer("", words)
+    return tt.Text(tok, 8), tok
+
+
+def test_evaluate_on_an_oracle_gives_the_known_numbers():
+    text, tok = oracle_text()
+    word = {c: tok.token_to_id(f"w{c}") for c in range(20)}
+    held = held_out_of(5, 4, text, list(range(5)))
+    truth = torch.tensor([word[c] for c in range(5)])
+    m, notes = tt.evaluate(Oracle(truth), held, text, contextlib.nullcontext(), "ours")
+    assert notes == [] and m["clips"] == 5 and m["captions"] == 20
+    assert m["vtm_acc"] == 1.0
+    for direction in ("t2v", "v2t"):
+        assert (m[f"{direction}_r1"], m[f"{direction}_medr"]) == (1.0, 1.0)
+    # MLM: the oracle predicts the word it sees, so exactly the picked words left unchanged are right
+    c = held["captions"]
+    masked, labels = text.mask_words(c["ids"][c["first"]], c["mask"][c["first"]], tok.get_vocab_size(),
+                                     torch.Generator().manual_seed(2))
+    picked = labels != -100
+    assert m["mlm_acc"] == pytest.approx((masked[picked] == labels[picked]).float().mean().item())
+    # video features shifted by one clip: every t2v query finds its clip second (the wrong clip first)
+    shifted = Oracle(truth, shown=truth.roll(1))
+    m, _ = tt.evaluate(shifted, held, text, contextlib.nullcontext(), "ours")
+    assert m["t2v_r1"] == 0 and m["t2v_medr"] == 5.0 and m["v2t_r1"] == 0  # its own features are never ranked first
+    # a model that scores everything the same is never right
+    m, _ = tt.evaluate(Oracle(truth, flat=True), held, text, contextlib.nullcontext(), "ours")
+    assert m["vtm_acc"] == 0 and m["mlm_acc"] == 0 and m["t2v_r1"] == 1.0  # (its retrieval features are right)
+    # multiple choice: options are captions of clips 0..4, the answer at a known place
+    options = torch.tensor([[(c + j) % 5 for j in range(5)] for c in range(5)])  # answer = option 0, the own word
+    held["mc"] = {"mc_acc": dict(ids=c["ids"][options * 4], mask=c["mask"][options * 4], clip=torch.arange(5),
+                                 answer=torch.zeros(5, dtype=torch.long))}
+    assert tt.evaluate(Oracle(truth), held, text, contextlib.nullcontext(), "ours")[0]["mc_acc"] == 1.0
+    assert tt.evaluate(Oracle(truth, flat=True), held, text, contextlib.nullcontext(), "ours")[0]["mc_acc"] == 0.0
+
+
+def test_evaluate_leaves_out_what_means_nothing():
+    text, tok = oracle_text()
+    word = {c: tok.token_to_id(f"w{c}") for c in range(20)}
+    one = held_out_of(1, 3, text, [0])
+    m, notes = tt.evaluate(Oracle(torch.tensor([word[0]])), one, text, contextlib.nullcontext(), "ours")
+    assert "vtm_acc" not in m and "t2v_r1" not in m and m["clips"] == 1 and m["captions"] == 3
+    assert any("vtm_acc left out: it needs two" in n for n in notes) and any("retrieval left out" in n for n in notes)
+    held = held_out_of(3, 1, text, [0, 1, 2])
+    m, notes = tt.evaluate(Oracle(torch.tensor([word[c] for c in range(3)])), held, text, contextlib.nullcontext(), "ours",
+                           untrained={"text_proj", "video_proj", "mlm_head"})
+    assert "t2v_r1" not in m and "mlm_acc" not in m and m["vtm_acc"] == 1.0
+    assert any("contrastive projections were never trained" in n for n in notes)
+    blank = held_out_of(2, 1, text, [0, 1])
+    blank["captions"]["ids"][:, 1:], blank["captions"]["mask"][:, 1:] = 0, 0  # [CLS] alone: nothing to mask
+    m, notes = tt.evaluate(Oracle(torch.tensor([word[0], word[1]])), blank, text, contextlib.nullcontext(), "ours")
+    assert "mlm_acc" not in m and any("no held-out caption has a word to mask" in n for n in notes)
+
+
+def test_qa_accuracy_counts_unknown_answers_wrong():
+    text, tok = oracle_text()
+    video = torch.zeros(4, 2, 3, 4, 4, dtype=torch.uint8)
+    video[:, 0, 0, 0, 0] = torch.arange(4, dtype=torch.uint8)
+    ids, mask = text(["what is it"] * 4)
+    ids[:, 1] = 1  # the oracle answers questions whose first word is 1
+    held = dict(video=video, qa=dict(ids=ids, mask=mask, clip=torch.arange(4), answer=torch.tensor([0, 1, 0, -1]),
+                                    type=torch.tensor([0, 0, 1, 1]), types=["a", "b"]))
+    m, _ = tt.evaluate(Oracle(torch.zeros(4, dtype=torch.long), answers=3), held, text, contextlib.nullcontext(), "ours")
+    # answers: clip 0 -> 0 (right), 1 -> 1 (right), 2 -> 2 (truth 0: wrong), 3 -> unknown (wrong)
+    assert m["qa_acc"] == 0.5 and m["qa_acc_a"] == 1.0 and m["qa_acc_b"] == 0.0 and m["qa_unknown_answers"] == 0.25
+
+
+def test_answer_vocabulary_top_n_with_ties_in_a_fixed_order():
+    rows = dict(train=[dict(answer=a) for a in ["dog", "cat", "cat", "bird", "ant", "dog", "eel"]])
+    opts = tt.Options(task="qa")
+    assert tt.answer_vocabulary(opts, {}, rows) == ["cat", "dog", "ant", "bird", "eel"]
+    assert tt.answer_vocabulary(replace(opts, answers=3), {}, rows) == ["cat", "dog", "ant"]
+    assert tt.answer_vocabulary(opts, {}, None) == tt.ANSWERS
+
+
+def test_mc_and_qa_objectives_on_known_scores():
+    opts, cfg, text, model, data = tiny_setup("mc")
+    batch = data.batch(0)
+    out = tt.MultipleChoice(model)(batch)
+    with torch.no_grad():  # by hand: every (clip, option) pair's score, cross-entropy over each clip's 5
+        scores = torch.stack([model.mc_score(model(batch["video"], batch["options_ids"][:, j], batch["options_mask"][:, j]).pooled)
+                              for j in range(5)], 1)
+    assert torch.allclose(out["loss"], torch.nn.functional.cross_entropy(scores, batch["answer"]), atol=1e-5)
+    assert out["mc_acc"] == (scores.argmax(1) == batch["answer"]).float().mean()
+    opts, cfg, text, model, data = tiny_setup("qa")
+    batch = data.batch(0)
+    answers = [tt.ANSWERS[a] for a in batch["answer"]]
+    kinds = [list(tt.QUESTIONS)[list(data.question_ids.tolist()).index(q.tolist())] for q in batch["question_ids"]]
+    assert all(a in (tt.COLOURS if k == "colour" else tt.SHAPES if k == "shape" else tt.MOTIONS) for a, k in zip(answers, kinds))
+    assert tt.OpenQA(model)(batch)["loss"] > 0
+
+
+# --- training runs: checkpoints, resume, the run folder, the NaN guard ------------------------------------------------
+
+
+def ckpt_of(folder):
+    return load_checkpoint(Path(folder) / "ckpt.pt")
 
 
 def test_save_atomic_keeps_the_previous_checkpoint_when_interrupted(tmp_path, monkeypatch):
@@ -513,24 +881,25 @@ def test_save_atomic_keeps_the_previous_checkpoint_when_interrupted(tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         tt.save_atomic({"step": 2}, path)
     monkeypatch.undo()
-    assert torch.load(path, weights_only=False) == {"step": 1}
+    assert load_checkpoint(path) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
 
-def test_resume_gives_identical_weights(tmp_path):
-    straight = tmp_path / "straight"
-    tt.train(tt.parse_options(QUICK + ["--steps", "6", "--out", str(straight)]))
-    split = tmp_path / "split"
-    tt.train(tt.parse_options(QUICK + ["--steps", "3", "--out", str(split)]))
-    tt.train(tt.parse_options(QUICK + ["--steps", "6", "--out", str(split), "--resume"]))
-    a = torch.load(straight / "ckpt.pt", weights_only=False)
-    b = torch.load(split / "ckpt.pt", weights_only=False)
-    assert a["step"] == b["step"] == 6
+def test_resume_with_non_default_options_gives_identical_weights(tmp_path):
+    torch.set_num_threads(1)
+    flags = QUICK + ["--temporal", "none", "--lr", "3e-3", "--seed", "5", "--eval-every", "2"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    tt.train(tt.parse_options(flags + ["--steps", "6", "--out", str(straight)]))
+    tt.train(tt.parse_options(flags + ["--steps", "3", "--out", str(split)]))
+    tt.train(tt.parse_options(["--steps", "6", "--out", str(split), "--resume"]))  # the rest comes from the checkpoint
+    a, b = ckpt_of(straight), ckpt_of(split)
+    assert a["step"] == b["step"] == 6 and b["config"]["temporal"] == "none" and b["options"]["lr"] == 3e-3
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert a["tokenizer"] == b["tokenizer"] and a["config"] == b["config"]
+    assert a["tokenizer"] == b["tokenizer"] and a["config"] == b["config"] and a["scaler"] == b["scaler"] == {}
     rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 6
-    for key in ("vtm_acc", "vtm_acc_temporal", "mlm_acc", "t2v_r1", "t2v_r5", "v2t_r1", "mc_acc", "clips_per_s", "wall_s"):
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    for key in ("vtm_acc", "vtm_acc_temporal", "mlm_acc", "t2v_r1", "t2v_r10", "t2v_medr", "v2t_r5", "mc_acc",
+                "clips", "captions", "clips_per_s", "wall_s"):
         assert key in rows[-1]
     # the checkpoint is self-contained: model, tokenizer, config
     model = AllInOne(Config(**a["config"]))
@@ -538,46 +907,189 @@ def test_resume_gives_identical_weights(tmp_path):
     assert tt.Tokenizer.from_str(a["tokenizer"]).encode("a red circle appears").ids[0] == 2  # [CLS]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--bogus"], "unrecognized arguments: --bogus"),
-    (["--temporal", "shift"], "--temporal must be roll, none or flatten"),
-    (["--steps", "0"], "--steps must be at least 1"),
-    (["--batch", "ten"], "invalid int value"),
-    (["--init", "x.ckpt"], "--init needs --vocab"),
-    (["--data", "no/such.csv"], "--data no/such.csv: no such file"),
-])
-def test_bad_options_give_a_clear_error(argv, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        tt.parse_options(argv)
-    assert e.value.code == 2 and message in capsys.readouterr().err
+def test_resume_refuses_a_flag_that_would_change_the_run(tmp_path, capsys):
+    tt.train(tt.parse_options(QUICK + ["--steps", "2", "--out", str(tmp_path)]))
+    code, _, err = run_cli(["--resume", "--out", str(tmp_path), "--steps", "4", "--batch", "16"], capsys)
+    assert code == 2 and "--batch 16 differs from the checkpoint's 8" in err and "--steps" in err
+    code, _, err = run_cli(["--resume", "--out", str(tmp_path), "--temporal", "flatten"], capsys)
+    assert code == 2 and "--temporal 'flatten' differs from the checkpoint's 'roll'" in err
+    code, out, _ = run_cli(["--resume", "--out", str(tmp_path), "--steps", "3", "--log-every", "5", "--workers", "0"], capsys)
+    assert code == 0 and ckpt_of(tmp_path)["step"] == 3
 
 
-def test_help_lists_every_option(capsys):
-    with pytest.raises(SystemExit):
-        tt.parse_options(["--help"])
-    out = capsys.readouterr().out
-    for f in tt.dataclasses.fields(tt.Options):
-        assert "--" + f.name.replace("_", "-") in out
+def test_an_existing_run_is_never_overwritten(tmp_path, capsys):
+    tt.train(tt.parse_options(QUICK + ["--steps", "3", "--out", str(tmp_path)]))
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    code, _, err = run_cli(QUICK + ["--steps", "2", "--out", str(tmp_path)], capsys)
+    assert code == 1 and "holds a run (ckpt.pt, metrics.jsonl): --resume continues it, --restart" in err
+    assert "Traceback" not in err and (tmp_path / "ckpt.pt").read_bytes() == before
+    code, out, _ = run_cli(QUICK + ["--steps", "2", "--out", str(tmp_path), "--restart"], capsys)
+    assert code == 0 and ckpt_of(tmp_path)["step"] == 2
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("previous-")]
+    assert len(aside) == 1 and (aside[0] / "ckpt.pt").read_bytes() == before
+    assert [json.loads(r)["step"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [2]  # one run
+
+
+def test_a_second_run_on_the_same_folder_is_refused_and_a_killed_run_leaves_no_lock(tmp_path):
+    import signal
+    cmd = [sys.executable, str(HERE / "train_tiny.py"), *QUICK, "--steps", "100000", "--out", str(tmp_path)]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in first.stdout:
+        if line.startswith("step     2/"):
+            break
+    second = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert second.returncode == 1 and f"--out {tmp_path} is in use by another run (process {first.pid})" in second.stderr
+    assert "Traceback" not in second.stderr
+    (tmp_path / f"ckpt.pt.{first.pid}.tmp").write_bytes(b"a write cut short")  # what a kill mid-write leaves
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    third = subprocess.run(cmd[:-4] + ["--steps", "2", "--out", str(tmp_path), "--restart"], capture_output=True,
+                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert not list(tmp_path.glob("*.tmp")) and ckpt_of(tmp_path)["step"] == 2
+
+
+def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    tt.train(tt.parse_options(QUICK + ["--steps", "2", "--out", str(tmp_path), "--ckpt-every", "1"]))
+    good = (tmp_path / "ckpt.pt").read_bytes()
+    code, out, err = run_cli(["--resume", "--out", str(tmp_path), "--steps", "6", "--lr", "1e30"], capsys)
+    assert code == 2  # a resumed run keeps its --lr: start a fresh one with it
+    code, out, err = run_cli(QUICK + ["--steps", "6", "--out", str(tmp_path / "nan"), "--lr", "1e30", "--ckpt-every", "1"], capsys)
+    assert code == 1 and "the loss or the weights are not finite" in err and "Traceback" not in err
+    step = int(err.split("error: step ")[1].split(":")[0])
+    saved = ckpt_of(tmp_path / "nan") if (tmp_path / "nan" / "ckpt.pt").exists() else None
+    assert saved is None or (saved["step"] < step and all(torch.isfinite(v).all() for v in saved["model"].values()))
+    assert (tmp_path / "ckpt.pt").read_bytes() == good
+
+
+def test_crash_in_evaluation_leaves_the_steps_checkpoint(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("evaluation fell over")
+
+    monkeypatch.setattr(tt, "evaluate", broken)
+    with pytest.raises(RuntimeError, match="fell over"):
+        tt.train(tt.parse_options(QUICK + ["--steps", "4", "--eval-every", "2", "--out", str(tmp_path)]))
+    assert ckpt_of(tmp_path)["step"] == 2
+
+
+def test_eval_only_writes_metrics_and_no_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    tt.train(tt.parse_options(QUICK + ["--steps", "2", "--out", str(run)]))
+    before = (run / "ckpt.pt").read_bytes()
+    code, out, _ = run_cli(["--eval-only", "--resume", "--out", str(run), "--eval-clips", "8"], capsys)
+    assert code == 0 and (run / "ckpt.pt").read_bytes() == before
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["eval_only"] and rows[-1]["clips"] == 8 and rows[-1]["step"] == 2 and "t2v_medr" in out
+    code, out, _ = run_cli(["--eval-only", "--init", str(run / "ckpt.pt"), "--out", str(tmp_path / "ev")], capsys)
+    assert code == 0 and not (tmp_path / "ev" / "ckpt.pt").exists() and (tmp_path / "ev" / "metrics.jsonl").exists()
+    assert not list((tmp_path / "ev").glob("*.pt"))  # no optimizer state anywhere
+    assert json.loads((tmp_path / "ev" / "metrics.jsonl").read_text())["checkpoint"] == str(run / "ckpt.pt")
+
+
+def test_crafted_checkpoints_run_no_code_through_the_command_line(tmp_path, capsys):
+    marker = tmp_path / "marker"
+    for via in ("exec", "system"):
+        code, _, err = run_cli(QUICK + ["--init", str(craft(tmp_path / f"{via}.pt", marker, via)), "--out",
+                                        str(tmp_path / "o")], capsys)
+        assert code == 1 and "error: --init" in err and not marker.exists(), err
+    (tmp_path / "r").mkdir()
+    craft(tmp_path / "r" / "ckpt.pt", marker)
+    code, _, err = run_cli(QUICK + ["--resume", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "not a train_tiny.py checkpoint" in err and not marker.exists()
+
+
+def test_init_from_an_official_checkpoint_needs_vocab_and_heads(tmp_path, capsys, official, monkeypatch):
+    words = ["[PAD]"] + [f"w{i}" for i in range(1, 100)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"v{i}" for i in range(24)]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    torch.save(official["state_dict"], tmp_path / "plain.pt")  # no hyper-parameters: 2 heads of 32 cannot be read
+    flags = QUICK + ["--steps", "1", "--eval-clips", "4", "--vocab", str(tmp_path / "vocab.txt")]
+    code, _, err = run_cli(flags + ["--init", str(tmp_path / "plain.pt"), "--out", str(tmp_path / "a")], capsys)
+    assert code == 1 and "--heads" in err
+    code, out, err = run_cli(flags + ["--init", str(tmp_path / "plain.pt"), "--heads", "2", "--frames", "2", "--out",
+                                      str(tmp_path / "b")], capsys)
+    assert code == 0, err
+    ckpt = ckpt_of(tmp_path / "b")
+    assert ckpt["config"]["frames"] == 2 and ckpt["config"]["heads"] == 2 and ckpt["preprocess"] == "official"
+    assert ckpt["model"]["video_embed.temporal"].shape == (1, 2, 64)  # the official 4 frames, cropped to 2
+    lightning = lightning_checkpoint(tmp_path / "official.ckpt", monkeypatch, state_dict=official["state_dict"],
+                                     hyper_parameters=dict(config=dict(num_heads=2)))
+    code, _, err = run_cli(QUICK + ["--init", str(lightning), "--out", str(tmp_path / "c")], capsys)
+    assert code == 1 and "needs its BERT vocabulary, --vocab" in err
+
+
+def test_bad_options_give_one_clear_message(tmp_path, capsys):
+    cases = [
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--temporal", "shift"], "--temporal must be roll, none or flatten"),
+        (["--task", "vqa"], "--task must be pretrain, mc or qa"),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--eval-every", "0"], "--eval-every must be at least 1"),
+        (["--log-every", "0"], "--log-every must be at least 1"),
+        (["--ckpt-every", "-1"], "--ckpt-every must be at least 1"),
+        (["--batch", "ten"], "invalid int value"),
+        (["--temperature", "0"], "--temperature must be a positive number"),
+        (["--lr", "-1"], "--lr must be a positive number"),
+        (["--lr", "nan"], "--lr must be a positive number"),
+        (["--lr", "inf"], "--lr must be a positive number"),
+        (["--weight-decay", "nan"], "--weight-decay must be 0 or more"),
+        (["--dropout", "2"], "--dropout must be in [0, 1)"),
+        (["--curriculum", "1.5"], "--curriculum must be between 0 and 1"),
+        (["--val-share", "1"], "--val-share must be between 0 and 1"),
+        (["--data", "no/such.csv"], "--data no/such.csv: no such file"),
+        (["--vocab", str(tmp_path)], f"--vocab {tmp_path}: no such file"),
+        (["--init", "x.ckpt"], "--init x.ckpt: no such file"),
+        (["--eval-only"], "--eval-only needs a model"),
+        (["--resume", "--out", str(tmp_path / "none")], "--resume: no checkpoint at"),
+    ]
+    for argv, message in cases:
+        code, _, err = run_cli(argv, capsys)
+        assert code == 2 and message in err and "Traceback" not in err, (argv, err)
+    for argv, message in [(["--fold-div", "1"], "cannot build the model: temporal rolling needs"),
+                          (["--frames", "1", "--temporal", "roll", "--fold-div", "20"], "cannot build the model")]:
+        code, _, err = run_cli(QUICK + argv + ["--out", str(tmp_path / "x")], capsys)
+        assert code == 1 and message in err and "Traceback" not in err, (argv, err)
+
+
+def test_readme_commands_parse():
+    """Every `python train_tiny.py ...` command in the README takes only options that exist."""
+    readme = (HERE / "README.md").read_text()
+    commands = [line.split("train_tiny.py", 1)[1].split("#")[0].split() for line in readme.splitlines()
+                if line.strip().startswith(("python train_tiny.py", "torchrun")) and "train_tiny.py" in line]
+    assert len(commands) >= 8
+    known = {"--" + f.name.replace("_", "-") for f in tt.dataclasses.fields(tt.Options)} | {"--help"}
+    for argv in commands:
+        flags = [a.split("=")[0] for a in argv if a.startswith("--")]
+        assert set(flags) <= known, (argv, set(flags) - known)
 
 
 def test_samples_png(tmp_path):
     tt.train(tt.parse_options(["--samples", "3", "--out", str(tmp_path)]))
-    import av
     with av.open(str(tmp_path / "samples.png")) as c:
         frame = next(c.decode(video=0))
     assert (frame.width, frame.height) == (4 * 4 * 33, 3 * 4 * 32)  # 4 frames and a line after each
     assert len((tmp_path / "samples.txt").read_text().splitlines()) == 3
 
 
-def test_two_process_gloo_run(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(HERE / "train_tiny.py"), *QUICK, "--steps", "3", "--out", str(tmp_path)]
+def test_two_processes_compute_what_one_process_computes(tmp_path):
+    flags = QUICK + ["--steps", "1", "--eval-clips", "4", "--mlm-clips", "4", "--dropout", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "2 process(es)" in run.stdout and run.stdout.count("eval ") == 1  # rank 0 alone logs and evaluates
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
-    assert ckpt["step"] == 3
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(HERE / "train_tiny.py"), *flags, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 process(es)" in two.stdout and two.stdout.count("eval ") == 1  # rank 0 alone logs and evaluates
+    assert "Warning" not in two.stderr, two.stderr[-2000:]
+    one = subprocess.run([sys.executable, str(HERE / "train_tiny.py"), *flags, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = ckpt_of(tmp_path / "one"), ckpt_of(tmp_path / "two")
+    # the gradients (AdamW's first moment after one step is 0.1 x the clipped gradient), to float tolerance
+    for i, state in a["optimizer"]["state"].items():
+        m1, m2 = state["exp_avg"], b["optimizer"]["state"][i]["exp_avg"]
+        assert (m1 - m2).abs().max() <= 5e-5 * m1.abs().max() + 1e-12, i
+    # and the weights (where a gradient is float noise around zero, as the key bias's, Adam's first step is +-lr)
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=5e-5), k
 
 
 # =====================================================================================================================
@@ -614,18 +1126,19 @@ def indices(clip):
     return [read_index(f) for f in clip]
 
 
-def make_video(path, n=60, w=64, h=48, codec="libx264", times=None, matrix=None, gop=10, options=None):
+def make_video(path, n=60, w=64, h=48, codec="libx264", times=None, matrix=None, gop=10, options=None, draw=draw_index,
+               pix_fmt="yuv420p", codec_options=None):
     """n frames at 30 fps, or at `times` (seconds: a variable frame rate)."""
     with av.open(str(path), "w", options=options or {}) as out:
-        s = out.add_stream(codec, rate=30)
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        s = out.add_stream(codec, rate=30, options=codec_options or {})
+        s.width, s.height, s.pix_fmt = w, h, pix_fmt
         s.codec_context.gop_size = gop
         if times is not None:
             s.codec_context.time_base = Fraction(1, 1000)
         if matrix is not None:
             s.set_display_matrix(matrix)
         for i in range(n):
-            f = av.VideoFrame.from_ndarray(draw_index(i, w, h), format="rgb24")
+            f = av.VideoFrame.from_ndarray(draw(i, w, h), format="rgb24")
             if times is not None:
                 f.pts, f.time_base = round(times[i] * 1000), Fraction(1, 1000)
             out.mux(s.encode(f))
@@ -728,21 +1241,44 @@ def test_every_kind_of_bad_file_raises_clip_error_naming_it(tmp_path):
 
 def test_data_file_errors_name_the_line(tmp_path):
     (tmp_path / "ok.csv").write_text('video,caption,start,end\na.mp4,"a cat, sitting",,\nb.mp4,a dog,1.5,3\n')
-    rows = tt.read_rows(tmp_path / "ok.csv")
-    assert rows[0] == dict(video=str(tmp_path / "a.mp4"), caption="a cat, sitting", start=None, end=None)
+    kind, rows = tt.read_rows(tmp_path / "ok.csv")
+    assert kind == "captions" and rows[0] == dict(video=str(tmp_path / "a.mp4"), caption="a cat, sitting", start=None, end=None)
     assert rows[1]["start"] == 1.5 and rows[1]["end"] == 3.0
-    assert tt.read_rows(tmp_path / "ok.csv", video_root="/videos")[0]["video"] == "/videos/a.mp4"
+    assert tt.read_rows(tmp_path / "ok.csv", video_root="/videos")[1][0]["video"] == "/videos/a.mp4"
+    (tmp_path / "bom.csv").write_bytes("\ufeffvideo,caption\na.mp4,un café\n".encode("utf-8"))
+    assert tt.read_rows(tmp_path / "bom.csv")[1][0]["caption"] == "un café"  # a byte-order mark is fine
+    (tmp_path / "upper.JSONL").write_text('{"video": "a.mp4", "caption": "x"}\n')
+    assert tt.read_rows(tmp_path / "upper.JSONL")[1][0]["caption"] == "x"
+    kind, rows = tt.read_rows(write(tmp_path / "mc.csv", 'video,options,answer\na.mp4,"[""a cat"", ""a dog""]",1\n'))
+    assert kind == "mc" and rows[0]["options"] == ["a cat", "a dog"] and rows[0]["answer"] == 1
+    kind, rows = tt.read_rows(write(tmp_path / "qa.jsonl", '{"video": "a.mp4", "question": "what is it?", "answer": "cat"}\n'))
+    assert kind == "qa" and rows[0]["answer"] == "cat" and rows[0]["type"] == ""
     bad = {
         "nocaption.csv": ("video,caption\na.mp4,a cat\nb.mp4,\n", "nocaption.csv line 3: empty caption"),
         "novideo.jsonl": ('{"video": "a.mp4", "caption": "x"}\n{"caption": "y"}\n', "novideo.jsonl line 2: no 'video'"),
         "notjson.jsonl": ('{"video": "a.mp4", "caption": "x"}\n\n{oops\n', "notjson.jsonl line 3: not JSON"),
         "times.csv": ("video,caption,start,end\na.mp4,x,4,2\n", "times.csv line 2: start 4.0 is not before end 2.0"),
         "seconds.csv": ("video,caption,start\na.mp4,x,soon\n", "seconds.csv line 2: start and end must be seconds"),
+        "outside.jsonl": ('{"video": "a", "options": ["x", "y"], "answer": 0}\n{"video": "b", "options": ["x", "y"], "answer": 2}\n',
+                          r"outside.jsonl line 2: answer 2 is outside its 2 options"),
+        "notalist.csv": ('video,options,answer\na.mp4,a cat,0\n', "notalist.csv line 2: options must be a JSON list"),
+        "noindex.jsonl": ('{"video": "a", "options": ["x", "y"], "answer": "x"}\n', "noindex.jsonl line 1: answer must be the index"),
+        "noanswer.csv": ("video,question,answer\na.mp4,what?,cat\nb.mp4,who?,\n", "noanswer.csv line 3: empty answer"),
+        "noquestion.jsonl": ('{"video": "a", "question": "what?", "answer": "x"}\n{"video": "a", "question": "", "answer": "x"}\n',
+                             "noquestion.jsonl line 2: empty question"),
+        "empty.csv": ("video,caption\n", "empty.csv: no rows"),
     }
     for name, (content, message) in bad.items():
-        (tmp_path / name).write_text(content)
-        with pytest.raises(ValueError, match=message):
-            tt.read_rows(tmp_path / name)
+        with pytest.raises(tt.BadInput, match=message):
+            tt.read_rows(write(tmp_path / name, content))
+    (tmp_path / "latin1.csv").write_bytes("video,caption\na.mp4,ok\nb.mp4,un caf\xe9\n".encode("latin-1"))
+    with pytest.raises(tt.BadInput, match=r"latin1.csv line 3: not UTF-8 \(byte 0xe9\)"):
+        tt.read_rows(tmp_path / "latin1.csv")
+
+
+def write(path, content):
+    path.write_text(content)
+    return path
 
 
 def test_training_on_a_folder_with_bad_files_finishes_and_reports_them(tmp_path, capsys):
@@ -763,8 +1299,8 @@ def test_training_on_a_folder_with_bad_files_finishes_and_reports_them(tmp_path,
     assert "vtm_acc" in last and "mc_acc" not in last  # no time-word variants for your own captions
     # too many failures stop the run with examples
     (tmp_path / "bad.csv").write_text("video,caption\n" + "\n".join(f"{n},x" for n in bad) + "\nclip0.mp4,ok\n")
-    with pytest.raises(RuntimeError, match="failed to load"):
-        tt.train(tt.parse_options(argv[:1] + [str(tmp_path / "bad.csv")] + argv[2:] + ["--max-bad-share", "0.1"]))
+    with pytest.raises(tt.BadInput, match="failed to load"):
+        tt.train(tt.parse_options(argv[:1] + [str(tmp_path / "bad.csv")] + argv[2:] + ["--max-bad-share", "0.1", "--restart"]))
 
 
 def test_ctrl_c_saves_a_checkpoint_to_resume_from(tmp_path):
@@ -779,3 +1315,171 @@ def test_ctrl_c_saves_a_checkpoint_to_resume_from(tmp_path):
     assert proc.wait(timeout=60) == 130 and "interrupted at step" in rest
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert ckpt["step"] >= 3 and f"interrupted at step {ckpt['step']}" in rest
+
+
+# --- frames as an official checkpoint saw them; images --------------------------------------------------------------
+
+
+def test_resize_like_pillow_matches_pillow():
+    """testdata/pillow_bilinear.pt holds Pillow 8.2's (the official code's) BILINEAR resizes of a few images."""
+    ref = torch.load(HERE / "testdata" / "pillow_bilinear.pt", weights_only=True)
+    y, x = np.mgrid[0:512, 0:512]
+    smooth = np.stack([(127 + 120 * np.sin(x / 17.0 + c) * np.cos(y / 23.0 - c)) for c in range(3)], -1).astype(np.uint8)
+    for key, size in [("64to20", 20), ("64to38", 38), ("64to76", 76), ("512to268", 268)]:
+        image = ref[key + "_input"].numpy() if key + "_input" in ref else smooth
+        assert np.array_equal(tt.resize_like_pillow(image, size), ref[key].numpy()), key
+
+
+def blocks(i, w, h):  # four colour blocks, split at a quarter of the width and half the height
+    img = np.zeros((h, w, 3), np.uint8)
+    img[: h // 2, : w // 4], img[: h // 2, w // 4:] = (200, 30, 60), (90, 90, 250)
+    img[h // 2:, : w // 4], img[h // 2:, w // 4:] = (10, 220, 90), (250, 250, 20)
+    return img
+
+
+def test_official_preprocessing_squashes_resizes_and_crops(tmp_path):
+    path = make_video(tmp_path / "blocks.mkv", n=6, w=96, h=64, codec="libx264rgb", draw=blocks, pix_fmt="rgb24",
+                      codec_options={"qp": "0"})  # lossless: the frame's pixels are known
+    clip = tt.load_clip(path, 2, 32, preprocess="official")
+    # By hand: squashed to 512x512, the split lies at x = 128 and y = 256; resized to int(1.2 * 32) = 38 px, at 9.5
+    # and 19; the centre crop starts at round((38 - 32) / 2) = 3, so in the output at x = 6.5 and y = 16: pixel column
+    # 6 and rows 15 and 16 are blends (bilinear filters), the others the colour of their block, normalised with
+    # ImageNet's mean and std.
+    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None], torch.tensor([0.229, 0.224, 0.225])[:, None]
+    img = blocks(0, 96, 64)
+    for ys, xs, colour in [(range(0, 15), range(0, 6), img[0, 0]), (range(0, 15), range(7, 32), img[0, -1]),
+                           (range(17, 32), range(0, 6), img[-1, 0]), (range(17, 32), range(7, 32), img[-1, -1])]:
+        got = clip[:, :, ys][:, :, :, xs].permute(1, 0, 2, 3).flatten(1)  # (3, pixels)
+        want = (torch.tensor(colour, dtype=torch.float)[:, None] / 255 - mean) / std
+        assert torch.allclose(got, want.expand_as(got), atol=0.02), colour
+    red = clip[0, 0]  # the red channel: strictly between its neighbours at the splits
+    assert (red[:15, 5] > red[:15, 6]).all() and (red[:15, 6] > red[:15, 7]).all()
+    assert (red[14, 0] > red[15, 0] > red[16, 0] > red[17, 0]) or (red[14, 0] < red[15, 0] < red[16, 0] < red[17, 0])
+    # ours keeps the aspect ratio: the shorter side to 32 (width 48), centre crop from 8: the split at x = 12 - 8 = 4
+    ours = tt.load_clip(path, 2, 32)
+    assert torch.allclose(ours[0, 0, :14, 5], ours[0, 0, :14, 31], atol=0.02)
+    assert not torch.allclose(clip[0, 0, :14, 5], clip[0, 0, :14, 31], atol=0.1)
+
+
+@pytest.mark.parametrize("codec, ext, pix_fmt", [("mjpeg", "jpg", "yuvj420p"), ("png", "png", "rgb24")])
+def test_an_image_is_a_clip_of_one_repeated_frame(tmp_path, codec, ext, pix_fmt):
+    path = tmp_path / f"still.{ext}"
+    with av.open(str(path), "w", format="image2") as out:
+        s = out.add_stream(codec)
+        s.width, s.height, s.pix_fmt = 64, 48, pix_fmt
+        out.mux(s.encode(av.VideoFrame.from_ndarray(draw_index(37, 64, 48), format="rgb24").reformat(format=pix_fmt)))
+        out.mux(s.encode())
+    clip = tt.load_clip(path, 3, 32)
+    assert clip.shape == (3, 3, 32, 32) and indices(clip) == [37, 37, 37]
+    assert tt.load_clip(path, 3, 32, preprocess="official").shape == (3, 3, 32, 32)
+
+
+# --- your own videos: clip-level evaluation, zero-shot multiple choice, fine-tuning --------------------------------------
+
+
+def make_clips(folder, n, frames=12):
+    return [make_video(folder / f"clip{i}.mp4", n=frames, w=40, h=32, codec="mpeg4", draw=lambda j, w, h, i=i: draw_index(
+        (i * 977 + j * 131) % 65536, w, h)).name for i in range(n)]
+
+
+def test_held_out_clips_with_several_captions_are_evaluated_by_clip(tmp_path, capsys):
+    names = make_clips(tmp_path, 6)
+    train = [f"{v},clip {i} seen from the left" for i, v in enumerate(names[:4])]
+    val = [f"{v},caption {k} of clip {i}" for i, v in enumerate(names[4:]) for k in range(3)]
+    write(tmp_path / "train.csv", "video,caption\n" + "\n".join(train) + "\n")
+    write(tmp_path / "val.csv", "video,caption\n" + "\n".join(val) + "\n")
+    flags = ["--data", str(tmp_path / "train.csv"), "--batch", "4", "--vtm-clips", "4", "--mlm-clips", "2", "--steps", "2",
+             "--log-every", "1", "--workers", "0", "--device", "cpu"]
+    last = tt.train(tt.parse_options(flags + ["--val-data", str(tmp_path / "val.csv"), "--out", str(tmp_path / "a")]))
+    assert last["clips"] == 2 and last["captions"] == 6 and "vtm_acc" in last and 1 <= last["v2t_medr"] <= 6
+    assert 1 <= last["t2v_medr"] <= 2 and last["t2v_r5"] == 1.0  # 2 clips: the right one is in the top 5
+    # one held-out clip: evaluated, with what needs two left out and said so; the step's checkpoint is on disk
+    write(tmp_path / "one.csv", "video,caption\n" + "\n".join(val[:3]) + "\n")
+    last = tt.train(tt.parse_options(flags + ["--val-data", str(tmp_path / "one.csv"), "--out", str(tmp_path / "b")]))
+    out = capsys.readouterr().out
+    assert last["clips"] == 1 and "vtm_acc" not in last and "t2v_r1" not in last and "retrieval left out" in out
+    assert ckpt_of(tmp_path / "b")["step"] == 2
+    # zero-shot multiple choice with the model just trained, from a file of options
+    mc = [json.dumps(dict(video=v, options=[f"clip {i} seen from the left", "a cat", "a dog"], answer=0))
+          for i, v in enumerate(names[:3])]
+    write(tmp_path / "mc.jsonl", "\n".join(mc) + "\n")
+    code, out, err = run_cli(["--eval-only", "--init", str(tmp_path / "a" / "ckpt.pt"), "--val-data",
+                              str(tmp_path / "mc.jsonl"), "--out", str(tmp_path / "mc"), "--workers", "0"], capsys)
+    assert code == 0, err
+    row = json.loads((tmp_path / "mc" / "metrics.jsonl").read_text())
+    assert row["clips"] == 3 and 0 <= row["mc_acc"] <= 1 and "mc_acc" in out
+
+
+def test_every_bad_file_is_named_once_when_nothing_loads(tmp_path, capsys):
+    bad = make_bad_files(tmp_path)
+    names = make_clips(tmp_path, 1)
+    write(tmp_path / "bad.csv", "video,caption\n" + "\n".join(f"{n},x" for n in bad * 4) + "\n")
+    write(tmp_path / "val.csv", f"video,caption\n{names[0]},a good clip\n")
+    code, _, err = run_cli(["--data", str(tmp_path / "bad.csv"), "--val-data", str(tmp_path / "val.csv"), "--batch", "4",
+                            "--vtm-clips", "2", "--mlm-clips", "0", "--workers", "0", "--out", str(tmp_path / "o"),
+                            "--device", "cpu"], capsys)
+    assert code == 1 and "failed to load" in err and "6 files in all" in err and "Traceback" not in err
+    named = [name for name in bad if name in err]
+    assert len(named) == 5 and all(err.count(name) == 1 for name in named)
+
+
+def test_fine_tuning_on_your_files_multiple_choice_and_qa(tmp_path, capsys):
+    names = make_clips(tmp_path, 5)
+    write(tmp_path / "cap.csv", "video,caption\n" + "\n".join(f"{v},clip {i}" for i, v in enumerate(names)) + "\n")
+    flags = ["--batch", "4", "--vtm-clips", "2", "--mlm-clips", "0", "--steps", "2", "--log-every", "1", "--workers", "0",
+             "--device", "cpu", "--eval-every", "2"]
+    # --task qa on a file of captions: said plainly
+    code, _, err = run_cli(flags + ["--task", "qa", "--data", str(tmp_path / "cap.csv"), "--out", str(tmp_path / "x")], capsys)
+    assert code == 1 and "has caption rows; --task qa trains on rows with question and answer" in err
+    qa = [f"{v},what is shown?,{'cat' if i % 2 else 'dog'},{'what'}" for i, v in enumerate(names[:4])]
+    write(tmp_path / "qa.csv", "video,question,answer,type\n" + "\n".join(qa) + "\n")
+    write(tmp_path / "qa_val.csv", f"video,question,answer,type\n{names[4]},what is shown?,bird,what\n{names[0]},what is it?,dog,what\n")
+    code, out, err = run_cli(flags + ["--task", "qa", "--data", str(tmp_path / "qa.csv"), "--val-data", str(tmp_path / "qa_val.csv"),
+                                      "--out", str(tmp_path / "qa")], capsys)
+    assert code == 0, err
+    ckpt = ckpt_of(tmp_path / "qa")
+    assert ckpt["answers"] == ["dog", "cat"] or ckpt["answers"] == ["cat", "dog"]
+    row = json.loads((tmp_path / "qa" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["qa_unknown_answers"] == 0.5 and row["qa_acc"] <= 0.5 and "qa_acc_what" in row
+    # evaluating the fine-tuned checkpoint: task and answers come from it
+    code, out, err = run_cli(["--eval-only", "--init", str(tmp_path / "qa" / "ckpt.pt"), "--task", "qa", "--val-data",
+                              str(tmp_path / "qa_val.csv"), "--out", str(tmp_path / "qa_eval"), "--workers", "0"], capsys)
+    assert code == 0 and json.loads((tmp_path / "qa_eval" / "metrics.jsonl").read_text())["qa_acc"] == row["qa_acc"]
+    mc = [json.dumps(dict(video=v, options=[f"clip {i}", f"clip {(i + 1) % 5}"], answer=i % 2)) for i, v in enumerate(names)]
+    write(tmp_path / "mc.jsonl", "\n".join(mc) + "\n")
+    code, out, err = run_cli(flags + ["--task", "mc", "--data", str(tmp_path / "mc.jsonl"), "--val-share", "0.4",
+                                      "--out", str(tmp_path / "mc")], capsys)
+    assert code == 0, err
+    assert "mc_acc" in json.loads((tmp_path / "mc" / "metrics.jsonl").read_text()) and ckpt_of(tmp_path / "mc")["config"]["mc_head"]
+
+
+def test_a_short_pre_training_then_fine_tuning_beats_chance(tmp_path):
+    torch.set_num_threads(1)
+    flags = ["--log-every", "50", "--device", "cpu"]
+    tt.train(tt.parse_options(flags + ["--steps", "150", "--batch", "64", "--vtm-clips", "16", "--mlm-clips", "4",
+                                       "--eval-every", "150", "--eval-clips", "16", "--out", str(tmp_path / "pre")]))
+    last = tt.train(tt.parse_options(flags + ["--task", "qa", "--init", str(tmp_path / "pre" / "ckpt.pt"), "--steps", "40",
+                                              "--eval-clips", "64", "--out", str(tmp_path / "qa")]))
+    assert last["qa_acc_colour"] > 0.5  # chance 1/4
+
+
+README_EXAMPLE_FILES = {"all-in-one-base.ckpt", "vocab.txt", "video.mp4"}
+
+
+def test_the_readme_example_scores_captions_for_one_video(tmp_path, monkeypatch, official, capsys):
+    """The README's "Score captions for one video", run as written on the fixture's weights and a generated video."""
+    readme = (HERE / "README.md").read_text()
+    code = readme.split("### Score captions for one video")[1].split("```python")[1].split("```")[0]
+    assert len(code.strip().splitlines()) <= 16 and all(name in code for name in README_EXAMPLE_FILES)
+    monkeypatch.chdir(tmp_path)
+    lightning_checkpoint(tmp_path / "all-in-one-base.ckpt", monkeypatch, state_dict=official["state_dict"],
+                         hyper_parameters=dict(config=dict(num_heads=2)))
+    words = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words += sorted({w for line in code.splitlines() if "captions = [" in line for w in
+                     " ".join(eval(line.split("=", 1)[1])).split()})
+    write(tmp_path / "vocab.txt", "\n".join(words + [f"[pad{i}]" for i in range(128 - len(words))]) + "\n")
+    make_video(tmp_path / "video.mp4", n=20, w=80, h=60)
+    exec(compile(code, "README.md", "exec"), {})
+    lines = capsys.readouterr().out.strip().splitlines()
+    scores = [float(line.split()[0]) for line in lines]
+    assert len(lines) == 3 and scores == sorted(scores, reverse=True)

@@ -1,28 +1,39 @@
 """
 Train All-in-One (allinone.py) in minutes: synthetic clips by default, your own videos with --data.
 
-    python train_tiny.py                              # synthetic clips, no files needed; ~8 min on a 2-core CPU
+    python train_tiny.py                              # pre-train on synthetic clips; ~8 min on a 2-core CPU
     python train_tiny.py --temporal none              # the rolling ablation: roll (paper) | none | flatten
     python train_tiny.py --ablation                   # all three modes at the same budget, one table
+    python train_tiny.py --task qa --init out/tiny/ckpt.pt --out out/qa    # fine-tune: open-ended QA (or --task mc)
+    python train_tiny.py --eval-only --resume         # evaluate out/tiny/ckpt.pt again
     python train_tiny.py --data clips.csv --vocab vocab.txt --init all-in-one-base.ckpt
     torchrun --nproc_per_node=4 train_tiny.py ...     # the same loop on several GPUs (DDP)
 
 The synthetic clips show one coloured shape that moves left, right, up or down, appears or disappears. Colour and
 shape can be read from any single frame; the motion only from the order of the frames. The held-out set is new
 renders (new positions, sizes, speeds, backgrounds and noise) from a seed never used in training.
+
+Reading order: options; the synthetic world; tokens; the objectives of the three tasks; the synthetic data; the
+training loop; evaluation; checkpoints and the run folder; then, for --data only, real clips decoded with PyAV.
 """
 
 import argparse
 import bisect
 import contextlib
 import csv
+import ctypes
 import dataclasses
+import io
 import json
 import math
 import os
 import random
+import shutil
+import sys
+import tempfile
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,100 +41,191 @@ import av
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.nn
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from allinone import AllInOne, Config, contrastive_loss, cosine_similarity, mlm_loss, mlm_mask, vtm_batch, vtm_loss
+from allinone import (
+    PRESETS, AllInOne, Config, contrastive_loss, cosine_similarity, load_checkpoint, mlm_loss, mlm_mask, vtm_batch,
+    vtm_loss,
+)
 
 # -----------------------------------------------------------------------------
 # Options: every command-line flag comes from this dataclass
 
+TASKS = ("pretrain", "mc", "qa")
+TASK_DEFAULTS = {  # options whose default depends on --task: pre-training from scratch, or fine-tuning a start point
+    "pretrain": dict(steps=1800, horizon=1800, batch=128, lr=2e-3, warmup=100, eval_every=600, ckpt_every=600),
+    "mc": dict(steps=300, horizon=300, batch=32, lr=5e-4, warmup=30, eval_every=100, ckpt_every=100),
+    "qa": dict(steps=900, horizon=900, batch=32, lr=5e-4, warmup=30, eval_every=300, ckpt_every=300),
+}
+
+
+def opt(default, help):
+    return field(default=default, metadata={"help": help})
+
 
 @dataclass
 class Options:
-    preset: str = field(default="nano", metadata={"help": "model size from allinone.PRESETS (ignored with --init)"})
-    temporal: str = field(default="roll", metadata={"help": "temporal modelling: roll (paper) | none | flatten"})
-    fold_div: int = field(default=8, metadata={"help": "rolling moves 1/fold_div of each frame's tokens each way"})
-    steps: int = field(default=1800, metadata={"help": "train until this step (with --resume: continue to it)"})
-    horizon: int = field(default=1800, metadata={"help": "steps the learning-rate decay and the mismatch curriculum "
-                                                          "are laid out over, whatever --steps is"})
-    batch: int = field(default=128, metadata={"help": "clips per step, over all processes"})
-    lr: float = field(default=2e-3, metadata={"help": "peak learning rate (AdamW)"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
-    warmup: int = field(default=100, metadata={"help": "linear warm-up steps, then cosine decay to 10%% over --horizon"})
-    clip_grad: float = field(default=1.0, metadata={"help": "gradient-norm clipping"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout in the model"})
-    temperature: float = field(default=0.05, metadata={"help": "contrastive temperature (official: 0.05)"})
-    vtm_clips: int = field(default=32, metadata={"help": "clips per step in the VTM pass (the contrastive passes take "
-                                                          "the whole batch)"})
-    mlm_clips: int = field(default=8, metadata={"help": "clips per step in the separate MLM pass (0: no MLM)"})
-    curriculum: float = field(default=0.75, metadata={"help": "share of --horizon whose VTM mismatches mostly differ "
-                                                              "only in the time words (synthetic data)"})
-    temporal_negatives: float = field(default=0.8, metadata={"help": "share of VTM mismatches that differ only in the "
-                                                                      "time words during the curriculum (after it: half)"})
-    eval_every: int = field(default=600, metadata={"help": "evaluate on the held-out set every N steps and at the end"})
-    eval_clips: int = field(default=512, metadata={"help": "held-out clips to evaluate on"})
-    log_every: int = field(default=100, metadata={"help": "print a log line every N steps"})
-    ckpt_every: int = field(default=600, metadata={"help": "write OUT/ckpt.pt every N steps (and at the end, on Ctrl-C)"})
-    out: str = field(default="out/tiny", metadata={"help": "output folder: ckpt.pt, metrics.jsonl, samples.png"})
-    resume: bool = field(default=False, metadata={"help": "continue from OUT/ckpt.pt"})
-    init: str = field(default="", metadata={"help": "start from an official All-in-One checkpoint (needs --vocab)"})
-    vocab: str = field(default="", metadata={"help": "a BERT vocab.txt (default: a word-level vocabulary of the data)"})
-    seed: int = field(default=0, metadata={"help": "seed of data, initialisation and masking"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda, then mps, then cpu) | cuda | mps | cpu"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the training step"})
-    ablation: bool = field(default=False, metadata={"help": "train roll, none and flatten in turn and print a table"})
-    samples: int = field(default=0, metadata={"help": "write OUT/samples.png with this many training clips and stop"})
-    data: str = field(default="", metadata={"help": "train on your clips: a CSV or JSON-lines file of video, caption "
-                                                     "and optional start, end (seconds)"})
-    val_data: str = field(default="", metadata={"help": "held-out clips, same format (default: --val-share of --data)"})
-    val_share: float = field(default=0.05, metadata={"help": "share of --data's videos held out when no --val-data"})
-    video_root: str = field(default="", metadata={"help": "folder the video paths are relative to (default: the "
-                                                           "data file's)"})
-    workers: int = field(default=2, metadata={"help": "DataLoader processes decoding clips (0: in the main process)"})
-    max_bad_share: float = field(default=0.1, metadata={"help": "stop when more than this share of clips fail to load"})
+    # what to train
+    task: str = opt("pretrain", "pretrain (VTM, MLM, contrastive) | mc (multiple choice) | qa (open-ended QA)")
+    preset: str = opt("nano", "model size from allinone.PRESETS (ignored with --init)")
+    frames: int = opt(0, "frames per clip (0: the preset's, or the --init checkpoint's)")
+    image_size: int = opt(0, "frame size in pixels, runs from scratch (0: the preset's)")
+    temporal: str = opt("", "temporal modelling: roll (paper) | none | flatten (default: the --init checkpoint's, else roll)")
+    fold_div: int = opt(0, "rolling moves 1/fold_div of each frame's tokens each way (0: the --init checkpoint's, else 8)")
+    dropout: float = opt(0.0, "dropout in the model")
+    init: str = opt("", "start from a checkpoint: an official one (needs --vocab) or a train_tiny.py ckpt.pt")
+    heads: int = opt(0, "attention heads of an --init state dict whose width is not an official size")
+    vocab: str = opt("", "a BERT vocab.txt (default: a word-level vocabulary of the data)")
+    answers: int = opt(0, "--task qa: the N most frequent training answers are the classes (0: every answer)")
+    # how long and how fast
+    steps: int = opt(None, "train until this step (with --resume: continue to it)")
+    horizon: int = opt(None, "steps the learning-rate decay and the mismatch curriculum are laid out over")
+    batch: int = opt(None, "clips per step, over all processes")
+    lr: float = opt(None, "peak learning rate (AdamW)")
+    weight_decay: float = opt(0.01, "AdamW weight decay (of every weight but biases and LayerNorm's, as the official code)")
+    warmup: int = opt(None, "linear warm-up steps, then cosine decay to 10%% over --horizon")
+    clip_grad: float = opt(1.0, "gradient-norm clipping")
+    temperature: float = opt(0.05, "contrastive temperature (official: 0.05)")
+    vtm_clips: int = opt(32, "clips per step in the VTM pass (the contrastive passes take the whole batch)")
+    mlm_clips: int = opt(8, "clips per step in the separate MLM pass (0: no MLM)")
+    curriculum: float = opt(0.75, "share of --horizon whose VTM mismatches mostly differ only in the time words")
+    temporal_negatives: float = opt(0.8, "share of VTM mismatches that differ only in the time words during the "
+                                         "curriculum (after it: half as many)")
+    seed: int = opt(0, "seed of data, initialisation and masking")
+    # evaluation and output
+    eval_every: int = opt(None, "evaluate on the held-out set every N steps and at the end")
+    eval_clips: int = opt(512, "held-out clips to evaluate on")
+    log_every: int = opt(100, "print a log line every N steps")
+    ckpt_every: int = opt(None, "write OUT/ckpt.pt every N steps (and before each evaluation, at the end, on Ctrl-C)")
+    out: str = opt("out/tiny", "run folder: ckpt.pt, metrics.jsonl; one run per folder")
+    resume: bool = opt(False, "continue the run in --out (its options come from its checkpoint)")
+    restart: bool = opt(False, "start over in an --out that holds a run: its files move to OUT/previous-<time>/")
+    eval_only: bool = opt(False, "evaluate the --resume or --init model, print a table, append to metrics.jsonl")
+    ablation: bool = opt(False, "train roll, none and flatten in turn and print a table")
+    samples: int = opt(0, "write OUT/samples.png with this many training clips and stop")
+    # your data
+    data: str = opt("", "train on your clips: a CSV or JSON-lines file (README: Train on your own videos)")
+    val_data: str = opt("", "held-out clips, same format, or a multiple-choice file (default: --val-share of --data)")
+    val_share: float = opt(0.05, "share of --data's videos held out when no --val-data")
+    video_root: str = opt("", "folder the video paths are relative to (default: the data file's)")
+    preprocess: str = opt("auto", "frames as: ours | official (auto: official for official checkpoints)")
+    workers: int = opt(2, "DataLoader processes decoding clips (0: in the main process)")
+    max_bad_share: float = opt(0.1, "stop when more than this share of clips fail to load")
+    # the machine
+    device: str = opt("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
+    compile: bool = opt(False, "torch.compile the training step")
+
+
+# What a resumed run may change: nothing that changes its result
+MAY_CHANGE_ON_RESUME = {"steps", "log_every", "eval_every", "ckpt_every", "workers", "device", "compile", "out",
+                        "resume", "eval_only"}
+MAY_CHANGE_TO_EVALUATE = {"val_data", "eval_clips", "video_root"}  # with --eval-only: what to evaluate on
 
 
 def parse_options(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Options):
-        flag = "--" + f.name.replace("_", "-")
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if f.type is bool:
-            p.add_argument(flag, action="store_true", help=f.metadata["help"])
+            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help)
         else:
-            p.add_argument(flag, type=f.type, default=f.default, help=f.metadata["help"] + " (default: %(default)s)")
-    opts = Options(**vars(p.parse_args(argv)))
-    problems = [
-        opts.temporal not in ("roll", "none", "flatten") and f"--temporal must be roll, none or flatten, not {opts.temporal!r}",
-        opts.steps < 1 and "--steps must be at least 1",
-        opts.horizon < 1 and "--horizon must be at least 1",
-        opts.batch < 2 and "--batch must be at least 2 (VTM needs mismatched pairs)",
-        not 2 <= opts.vtm_clips <= opts.batch and "--vtm-clips must be between 2 and --batch",
-        not 0 <= opts.mlm_clips <= opts.batch and "--mlm-clips must be between 0 and --batch",
-        not 0 <= opts.curriculum <= 1 and "--curriculum must be between 0 and 1",
-        not 0 <= opts.temporal_negatives <= 1 and "--temporal-negatives must be between 0 and 1",
-        opts.init and not opts.vocab and "--init needs --vocab: official checkpoints use BERT's vocabulary",
-        opts.ablation and opts.resume and "--ablation starts three fresh runs; it cannot --resume",
-        opts.data and not Path(opts.data).is_file() and f"--data {opts.data}: no such file",
-        opts.val_data and not Path(opts.val_data).is_file() and f"--val-data {opts.val_data}: no such file",
-        not 0 < opts.val_share < 1 and "--val-share must be between 0 and 1",
-        opts.workers < 0 and "--workers must be 0 or more",
-    ]
-    for problem in problems:
-        if problem:
-            p.error(problem)
+            default = f.default if f.default is not None else ", ".join(f"{t} {d[f.name]}" for t, d in TASK_DEFAULTS.items())
+            p.add_argument(flag, type=f.type, default=argparse.SUPPRESS,
+                           help=help if f.default == "" else f"{help} (default: {default})")
+    given = vars(p.parse_args(argv))  # only the flags on the command line
+    opts = Options(**given)
+    if opts.resume:
+        opts = resumed_options(p, opts, given)
+    else:
+        if opts.eval_only and opts.init and "task" not in given:  # a fine-tuned checkpoint says what it was tuned for
+            opts.task = trained_task(opts.init)
+        opts = dataclasses.replace(opts, **{k: v for k, v in TASK_DEFAULTS.get(opts.task, {}).items() if k not in given})
+    check_options(p, opts)
     return opts
 
 
+def resumed_options(p, opts, given):
+    """A resumed run's options are its checkpoint's; a flag that would change the run is an error naming it."""
+    path = Path(opts.out) / "ckpt.pt"
+    if not path.is_file():
+        p.error(f"--resume: no checkpoint at {path}")
+    try:
+        saved = load_checkpoint(path)
+    except ValueError as e:
+        p.error(f"--resume: {e}")
+    if not isinstance(saved, dict) or not isinstance(saved.get("options"), dict):
+        p.error(f"--resume: {path} is not a train_tiny.py checkpoint")
+    saved = saved["options"]
+    fields = {f.name for f in dataclasses.fields(Options)}
+    saved = {k: v for k, v in saved.items() if k in fields}
+    free = MAY_CHANGE_ON_RESUME | (MAY_CHANGE_TO_EVALUATE if opts.eval_only else set())
+    for name, value in given.items():
+        if name not in free and name in saved and value != saved[name]:
+            flag = "--" + name.replace("_", "-")
+            p.error(f"{flag} {value!r} differs from the checkpoint's {saved[name]!r} ({path}): a resumed run keeps its "
+                    f"options; only {', '.join('--' + n.replace('_', '-') for n in sorted(free - {'resume', 'out'}))} "
+                    "may change")
+    return Options(**{**saved, **{k: v for k, v in given.items() if k in free}, "restart": False})
+
+
+def trained_task(path):
+    """The --task a train_tiny.py checkpoint was trained for ("pretrain" for anything else)."""
+    try:
+        return load_checkpoint(path)["options"]["task"]
+    except (ValueError, KeyError, TypeError):
+        return "pretrain"
+
+
+def check_options(p, o):
+    def need(ok, message):
+        if not ok:
+            p.error(message)
+
+    def finite(x):
+        return isinstance(x, (int, float)) and math.isfinite(x)
+
+    need(o.task in TASKS, f"--task must be pretrain, mc or qa, not {o.task!r}")
+    need(o.temporal in ("", "roll", "none", "flatten"), f"--temporal must be roll, none or flatten, not {o.temporal!r}")
+    need(o.preprocess in ("auto", "ours", "official"), f"--preprocess must be auto, ours or official, not {o.preprocess!r}")
+    need(o.device in ("auto", "cuda", "mps", "cpu"), f"--device must be auto, cuda, mps or cpu, not {o.device!r}")
+    for name in ("steps", "horizon", "log_every", "eval_every", "ckpt_every", "eval_clips"):
+        need(getattr(o, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(o, name)}")
+    for name in ("warmup", "workers", "frames", "image_size", "heads", "answers", "samples", "fold_div"):
+        need(getattr(o, name) >= 0, f"--{name.replace('_', '-')} must be 0 or more, got {getattr(o, name)}")
+    need(o.batch >= 2, "--batch must be at least 2 (VTM and multiple choice need two clips)")
+    need(2 <= o.vtm_clips <= o.batch, "--vtm-clips must be between 2 and --batch")
+    need(0 <= o.mlm_clips <= o.batch, "--mlm-clips must be between 0 and --batch")
+    need(finite(o.lr) and o.lr > 0, f"--lr must be a positive number, got {o.lr}")
+    need(finite(o.weight_decay) and o.weight_decay >= 0, f"--weight-decay must be 0 or more, got {o.weight_decay}")
+    need(finite(o.clip_grad) and o.clip_grad > 0, f"--clip-grad must be a positive number, got {o.clip_grad}")
+    need(finite(o.temperature) and o.temperature > 0, f"--temperature must be a positive number, got {o.temperature}")
+    need(finite(o.dropout) and 0 <= o.dropout < 1, f"--dropout must be in [0, 1), got {o.dropout}")
+    for name in ("curriculum", "temporal_negatives", "max_bad_share"):
+        need(finite(getattr(o, name)) and 0 <= getattr(o, name) <= 1,
+             f"--{name.replace('_', '-')} must be between 0 and 1, got {getattr(o, name)}")
+    need(finite(o.val_share) and 0 < o.val_share < 1, f"--val-share must be between 0 and 1, got {o.val_share}")
+    for name in ("data", "val_data", "vocab", "init"):
+        path = getattr(o, name)
+        need(not path or Path(path).is_file(), f"--{name.replace('_', '-')} {path}: no such file")
+    need(not (o.image_size and o.init), "--image-size is for runs from scratch; an --init checkpoint fixes the size")
+    need(not (o.ablation and (o.resume or o.eval_only)), "--ablation starts three fresh runs")
+    need(not (o.resume and o.restart), "--resume continues the run in --out; --restart starts it over: not both")
+    need(not o.eval_only or o.resume or o.init, "--eval-only needs a model: --resume (the run in --out) or --init")
+
+
 # -----------------------------------------------------------------------------
-# Synthetic clips: a caption grammar and a renderer
+# The synthetic world: a caption grammar, questions about it, and a renderer
 
 COLOURS = {"red": (0.9, 0.15, 0.15), "green": (0.15, 0.8, 0.2), "blue": (0.2, 0.35, 1.0), "yellow": (0.95, 0.85, 0.1)}
-SHAPES = ("square", "circle", "triangle")
+SHAPES = {  # shape -> which pixels it covers, from their offsets (dx, dy) to its centre and its half-size r
+    "square": lambda dx, dy, r: (dx.abs() <= 0.85 * r) & (dy.abs() <= 0.85 * r),
+    "circle": lambda dx, dy, r: dx**2 + dy**2 <= r**2,
+    "triangle": lambda dx, dy, r: (dy >= -r) & (dy <= 0.8 * r) & (dx.abs() <= 0.6 * (dy + r)),
+}
 MOTIONS = {  # caption words -> (dx, dy) per frame, or the frames the shape is visible in
     "moves left": (-1, 0), "moves right": (1, 0), "moves up": (0, -1), "moves down": (0, 1),
     "appears": "later", "disappears": "earlier",
@@ -131,11 +233,18 @@ MOTIONS = {  # caption words -> (dx, dy) per frame, or the frames the shape is v
 TIME_SWAP = {"moves left": "moves right", "moves right": "moves left", "moves up": "moves down",
              "moves down": "moves up", "appears": "disappears", "disappears": "appears"}
 CAPTIONS = [(c, s, m) for c in COLOURS for s in SHAPES for m in MOTIONS]  # the caption bank: every caption there is
+QUESTIONS = {"colour": "what colour is the shape?", "shape": "what shape is it?", "motion": "what does the shape do?"}
+ANSWERS = [*COLOURS, *SHAPES, *MOTIONS]  # the synthetic QA task's answer vocabulary
 
 
 def caption_text(i):
     colour, shape, motion = CAPTIONS[i]
     return f"a {colour} {shape} {motion}"
+
+
+def answer_to(i, kind):  # the answer to QUESTIONS[kind] about a clip of caption i
+    colour, shape, motion = CAPTIONS[i]
+    return {"colour": colour, "shape": shape, "motion": motion}[kind]
 
 
 def time_swapped(i):
@@ -158,47 +267,996 @@ def time_variants(i):
 
 
 def render(captions, frames, size, generator):
-    """Clips for caption indices: (b, t, 3, size, size) in [-1, 1]."""
-    b, g, s = len(captions), generator, size
+    """Clips for caption indices: (b, t, 3, size, size) in [0, 1], made on the generator's device."""
+    b, g, s, dev = len(captions), generator, size, generator.device
 
     def uniform(lo, hi, *shape):
-        return lo + (hi - lo) * torch.rand(*(shape or (b,)), generator=g)
+        return lo + (hi - lo) * torch.rand(*(shape or (b,)), generator=g, device=dev)
 
     colour, shape, motion = zip(*(CAPTIONS[i] for i in captions))
-    step = torch.tensor([MOTIONS[m] if isinstance(MOTIONS[m], tuple) else (0, 0) for m in motion], dtype=torch.float)
+    step = torch.tensor([MOTIONS[m] if isinstance(MOTIONS[m], tuple) else (0, 0) for m in motion], dtype=torch.float,
+                        device=dev)
     r = uniform(0.16, 0.20) * s  # half the shape's size
     speed = uniform(0.10, 0.16) * s  # pixels per frame
     travel = step * (speed * (frames - 1))[:, None]  # (b, 2)
     lo, hi = r[:, None] + (-travel).clamp(min=0), s - r[:, None] - travel.clamp(min=0)
-    start = lo + (hi - lo) * torch.rand(b, 2, generator=g)  # the whole path stays inside the frame
-    t = torch.arange(frames, dtype=torch.float)
+    start = lo + (hi - lo) * torch.rand(b, 2, generator=g, device=dev)  # the whole path stays inside the frame
+    t = torch.arange(frames, dtype=torch.float, device=dev)
     centre = start[:, None] + step[:, None] * speed[:, None, None] * t[None, :, None]  # (b, t, 2)
-    cut = torch.randint(1, frames, (b, 1), generator=g)  # appears at / disappears from this frame
-    visible = torch.stack([torch.ones(frames, dtype=torch.bool) if m.startswith("moves") else
-                           (t >= cut[i]) if m == "appears" else (t < cut[i]) for i, m in enumerate(motion)])
-    yx = torch.arange(s, dtype=torch.float) + 0.5
+    cut = torch.randint(1, frames, (b, 1), generator=g, device=dev)  # appears at / disappears from this frame
+    always = torch.ones(frames, dtype=torch.bool, device=dev)
+    visible = torch.stack([always if m.startswith("moves") else (t >= cut[i]) if m == "appears" else (t < cut[i])
+                           for i, m in enumerate(motion)])
+    yx = torch.arange(s, dtype=torch.float, device=dev) + 0.5
     dx = yx[None, None, None, :] - centre[..., 0, None, None]  # (b, t, 1, s)
     dy = yx[None, None, :, None] - centre[..., 1, None, None]  # (b, t, s, 1)
-    rr = r[:, None, None, None]
-    masks = {
-        "square": (dx.abs() <= 0.85 * rr) & (dy.abs() <= 0.85 * rr),
-        "circle": dx**2 + dy**2 <= rr**2,
-        "triangle": (dy >= -rr) & (dy <= 0.8 * rr) & (dx.abs() <= 0.6 * (dy + rr)),
-    }
-    inside = torch.stack([masks[shape[i]][i] for i in range(b)]) & visible[:, :, None, None]  # (b, t, s, s)
-    fg = torch.tensor([COLOURS[c] for c in colour]) + uniform(-0.08, 0.08, b, 3)
+    inside = torch.zeros(b, frames, s, s, dtype=torch.bool, device=dev)
+    for name, covers in SHAPES.items():
+        i = torch.tensor([k for k in range(b) if shape[k] == name], dtype=torch.long, device=dev)
+        inside[i] = covers(dx[i], dy[i], r[i, None, None, None])
+    inside &= visible[:, :, None, None]  # (b, t, s, s)
+    fg = torch.tensor([COLOURS[c] for c in colour], device=dev) + uniform(-0.08, 0.08, b, 3)
     bg = uniform(0.0, 0.45, b, 1) + uniform(-0.1, 0.1, b, 3)  # a dull background colour
     video = torch.where(inside[:, :, None], fg[:, None, :, None, None], bg[:, None, :, None, None])
-    video = video + uniform(0.01, 0.06, b)[:, None, None, None, None] * torch.randn(video.shape, generator=g)
-    return (video.clamp(0, 1) * 2 - 1).contiguous()
+    video = video + uniform(0.01, 0.06, b)[:, None, None, None, None] * torch.randn(video.shape, generator=g, device=dev)
+    return video.clamp(0, 1)
 
 
 # -----------------------------------------------------------------------------
-# Real clips: frames sampled as in the paper's code, decoded with PyAV by seeking to the keyframe before each
+# Tokens: a word-level vocabulary for the synthetic grammar, or BERT's WordPiece from a vocab.txt; pixels: normalised
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-class ClipError(ValueError):
+class BadInput(ValueError):
+    """Bad input from the user: the message names the flag, the file or the line. The command line prints it alone."""
+
+
+def make_tokenizer(vocab_file, texts):
+    """BERT's WordPiece from a vocab.txt, or else a word-level vocabulary of the texts, with BERT's special tokens."""
+    if vocab_file:
+        vocab = read_vocab(vocab_file)
+        tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    else:
+        normalizer, split = normalizers.Lowercase(), pre_tokenizers.Whitespace()
+        words = {w for c in texts for w, _ in split.pre_tokenize_str(normalizer.normalize_str(c))}
+        vocab = {w: i for i, w in enumerate(SPECIALS + sorted(words))}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+        tok.normalizer, tok.pre_tokenizer = normalizer, split
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[(s, vocab[s]) for s in ("[CLS]", "[SEP]")])
+    return tok
+
+
+def read_vocab(path):
+    """A BERT vocab.txt: one token per line, the line number its id; every line a different, non-blank token."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInput(f"--vocab {path}: cannot read it ({e})") from None
+    vocab = {}
+    for n, word in enumerate(lines, 1):
+        if not word.strip():
+            raise BadInput(f"--vocab {path} line {n}: blank (a vocab.txt has one token per line)")
+        if word in vocab:
+            raise BadInput(f"--vocab {path} line {n}: {word!r} again (first on line {vocab[word] + 1})")
+        vocab[word] = n - 1
+    missing = [s for s in SPECIALS if s not in vocab]
+    if missing:
+        raise BadInput(f"--vocab {path} lacks the special tokens {missing}: is it a BERT vocab.txt?")
+    return vocab
+
+
+class Text:
+    """Tokenizes texts to (ids, mask) of the batch's longest text, at most max_len tokens."""
+
+    def __init__(self, tokenizer, max_len):
+        self.tok, self.max_len = tokenizer, max_len
+        self.tok.enable_truncation(max_len)
+        self.tok.enable_padding(pad_id=tokenizer.token_to_id("[PAD]"), pad_token="[PAD]")
+        self.mask_id = tokenizer.token_to_id("[MASK]")
+        self.special_ids = tuple(tokenizer.token_to_id(s) for s in ("[PAD]", "[CLS]", "[SEP]"))
+        vocab = tokenizer.get_vocab()
+        pieces = torch.zeros(tokenizer.get_vocab_size(), dtype=torch.bool)  # WordPiece's "##" continuations
+        pieces[[i for w, i in vocab.items() if w.startswith("##")]] = True
+        self.pieces = pieces if isinstance(tokenizer.model, models.WordPiece) else None
+
+    def __call__(self, texts, device="cpu"):
+        enc = self.tok.encode_batch(list(texts))
+        ids = torch.tensor([e.ids for e in enc], device=device)
+        return ids, torch.tensor([e.attention_mask for e in enc], device=device)
+
+    def mask_words(self, ids, mask, vocab_size, generator):
+        """BERT masking (allinone.mlm_mask), of whole words when the vocabulary is WordPiece, as the official
+        pre-training does: a word's "##" pieces are masked with it."""
+        continues = None if self.pieces is None else self.pieces.to(ids.device)[ids]
+        return mlm_mask(ids, mask, vocab_size, mask_id=self.mask_id, special_ids=self.special_ids, continues=continues,
+                        generator=generator)
+
+
+NORMS = {  # preprocess -> per-channel mean and std of pixels in [0, 1]
+    "ours": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # [-1, 1]
+    "official": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's, as the official video pipeline
+}
+
+
+def normalize(video, preprocess):
+    """Model input from pixels: uint8, or float in [0, 1]; (..., 3, H, W)."""
+    x = video.float() / 255 if video.dtype == torch.uint8 else video
+    mean, std = (torch.tensor(v, device=x.device)[:, None, None] for v in NORMS[preprocess])
+    return (x - mean) / std
+
+
+# -----------------------------------------------------------------------------
+# Objectives: one module per task, from a batch to its losses (one forward call, as DistributedDataParallel needs)
+
+
+def strictly_best(scores, index):
+    """(n, k) scores, (n,) indices -> (n,) True where the index's score beats every other: ties and NaN count against
+    the model, so a model that scores everything the same is never right."""
+    own = scores.gather(1, index[:, None])[:, 0]
+    others = scores.scatter(1, index[:, None], -math.inf).max(1).values
+    return own > others
+
+
+class GatherRows(torch.autograd.Function):
+    """Every process's rows, in rank order. Each process computes the same loss over all rows, so the gradient of its
+    own rows is the sum of what every process finds for them."""
+
+    @staticmethod
+    def forward(ctx, x):
+        rows = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(rows, x.contiguous())
+        return torch.cat(rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def gather(x):  # all processes' rows, with gradients (x itself without torchrun)
+    return GatherRows.apply(x) if dist.is_initialized() else x
+
+
+class Pretrain(nn.Module):
+    """Video-text matching and masked language modelling (joint passes), contrastive losses (unimodal passes)."""
+
+    trains = ("vtm_head", "mlm_head", "text_proj", "video_proj")
+
+    def __init__(self, model, temperature):
+        super().__init__()
+        self.model, self.temperature = model, temperature
+
+    def forward(self, batch):
+        m, out = self.model, {}
+        # VTM: a joint pass over matched and mismatched pairs, with the VTM head on the pooled text [CLS]
+        k = len(batch["vtm_ids"])  # the first k clips
+        logits = m.vtm_head(m(batch["video"][:k], batch["vtm_ids"], batch["vtm_mask"]).pooled).float()
+        out["vtm"] = vtm_loss(logits, batch["vtm_labels"])
+        out["vtm_acc"] = strictly_best(logits, batch["vtm_labels"]).float().mean()
+        # MLM: a separate joint pass with masked captions, as in the official code (masking only in matched VTM
+        # pairs would leak the label: "has a [MASK]" would mean "matches")
+        if "mlm_ids" in batch:
+            k = len(batch["mlm_ids"])
+            logits = m.mlm_head(m(batch["video"][:k], batch["mlm_ids"], batch["mlm_mask"]).text)
+            out["mlm"] = mlm_loss(logits, batch["mlm_labels"])
+            if dist.is_initialized():  # a mean over every process's masked words: weigh this process by its count
+                count = (batch["mlm_labels"] != -100).sum()
+                every = count.clone()
+                dist.all_reduce(every)
+                out["mlm"] = out["mlm"] * count * dist.get_world_size() / every.clamp(min=1)
+        # Contrastive (unimodal passes): the video alone against the texts alone
+        video = m.video_proj(m.encode_video(batch["video"]).video[:, 0])  # (b, contrastive_dim)
+        text = m.text_proj(m.encode_text(batch["text_ids"], batch["text_mask"]).text[:, 0])
+        if "bank_targets" in batch:  # text holds every caption there is: each clip must pick its own among all
+            out["bank"] = F.cross_entropy(cosine_similarity(video, text) / self.temperature, batch["bank_targets"])
+            text = text[batch["bank_targets"]]
+        out["itc"] = contrastive_loss(gather(text), gather(video), self.temperature)
+        out["loss"] = sum(value for name, value in out.items() if not name.endswith("_acc"))
+        return out
+
+
+class MultipleChoice(nn.Module):
+    """Each clip with each of its k options in a joint pass; mc_head scores every pair (it starts as the VTM "match"
+    row); cross-entropy over the k scores, as the official compute_multiple_choice."""
+
+    trains = ("mc_head",)
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        m, k = self.model, batch["options_ids"].shape[1]
+        pooled = m(repeat(batch["video"], "b ... -> (b k) ...", k=k), rearrange(batch["options_ids"], "b k l -> (b k) l"),
+                   rearrange(batch["options_mask"], "b k l -> (b k) l")).pooled
+        scores = rearrange(m.mc_score(pooled), "(b k) -> b k", k=k).float()
+        return dict(loss=F.cross_entropy(scores, batch["answer"]),
+                    mc_acc=strictly_best(scores, batch["answer"]).float().mean())
+
+
+class OpenQA(nn.Module):
+    """The QA head (official vqa_classifier) on the pooled joint feature of (clip, question); cross-entropy over the
+    answer vocabulary, as the official compute_openend_vqa."""
+
+    trains = ("qa_head",)
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        m = self.model
+        logits = m.qa_head(m(batch["video"], batch["question_ids"], batch["question_mask"]).pooled).float()
+        return dict(loss=F.cross_entropy(logits, batch["answer"]),
+                    qa_acc=strictly_best(logits, batch["answer"]).float().mean())
+
+
+def objective_for(task, model, opts):
+    if task == "mc":
+        return MultipleChoice(model)
+    if task == "qa":
+        return OpenQA(model)
+    return Pretrain(model, opts.temperature)
+
+
+# -----------------------------------------------------------------------------
+# Synthetic data: training batches and held-out sets for each task
+
+
+class Synthetic:
+    """Clips rendered on the fly on the training device. Step k's global batch is the same in every run and for any
+    number of processes: process r takes its clips r, r + world, r + 2 world, ... (and as many of the VTM and MLM
+    clips, which come first)."""
+
+    shared = ("text_ids", "text_mask")  # the caption bank: every process sees all of it
+
+    def __init__(self, cfg, text, opts, preprocess, device, rank=0, world=1):
+        self.cfg, self.text, self.opts, self.preprocess, self.device = cfg, text, opts, preprocess, device
+        self.rank, self.world = rank, world
+        self.bank_ids, self.bank_mask = text([caption_text(i) for i in range(len(CAPTIONS))])
+        self.question_ids, self.question_mask = text(list(QUESTIONS.values()))
+        self.time_variants = torch.tensor([time_variants(i) for i in range(len(CAPTIONS))])  # (72, 6)
+        self.looks_variants = torch.tensor([looks_variants(i) for i in range(len(CAPTIONS))])  # (72, 5)
+        self.answers = torch.tensor([[ANSWERS.index(answer_to(i, q)) for q in QUESTIONS] for i in range(len(CAPTIONS))])
+        self.skipped = None
+
+    def batches(self, start):
+        for step in range(start, self.opts.steps):
+            yield self.batch(step)
+
+    def batch(self, step):
+        o = self.opts
+        g = torch.Generator().manual_seed(hash((o.seed, step)) % 2**62)
+        captions = torch.randint(len(CAPTIONS), (o.batch,), generator=g)
+        batch = {"pretrain": self.pretrain_batch, "mc": self.mc_batch, "qa": self.qa_batch}[o.task](captions, step, g)
+        pixels = torch.Generator(self.device).manual_seed(int(torch.randint(2**62, (1,), generator=g)))
+        batch["video"] = normalize(render(captions.tolist(), self.cfg.frames, self.cfg.image_size, pixels), self.preprocess)
+        return {k: (v if k in self.shared else v[self.rank:: self.world]).to(self.device) for k, v in batch.items()}
+
+    def pretrain_batch(self, captions, step, g):
+        # VTM pairs: half keep their caption; a mismatched one gets, during the curriculum, mostly a caption that
+        # differs only in the time words (only the order of the frames tells them apart); otherwise, as often, one
+        # that differs only in the colour or only in the shape, or any other caption
+        o, n = self.opts, len(CAPTIONS)
+        k, own = o.vtm_clips, captions[: o.vtm_clips]  # the VTM pass takes the first k clips
+        labels = (torch.randperm(k, generator=g) < k // 2).long()  # 1: matched
+        share = o.temporal_negatives * (1 if step < o.curriculum * o.horizon else 0.5)
+        time_wrong = self.time_variants[own, torch.randint(1, 6, (k,), generator=g)]  # one of the 5 other time variants
+        looks_wrong = self.looks_variants[own, torch.randint(0, 5, (k,), generator=g)]  # one of the 5 looks variants
+        other = (own + torch.randint(1, n, (k,), generator=g)) % n
+        other = torch.where(torch.rand(k, generator=g) < 0.5, looks_wrong, other)
+        vtm = torch.where(labels.bool(), own, torch.where(torch.rand(k, generator=g) < share, time_wrong, other))
+        # contrastive: the text side is the whole caption bank; each clip's target is its caption
+        batch = dict(vtm_ids=self.bank_ids[vtm], vtm_mask=self.bank_mask[vtm], vtm_labels=labels,
+                     text_ids=self.bank_ids, text_mask=self.bank_mask, bank_targets=captions)
+        if o.mlm_clips:  # the MLM pass: the first clips' own captions, masked
+            ids, mask = self.bank_ids[captions[: o.mlm_clips]], self.bank_mask[captions[: o.mlm_clips]]
+            batch["mlm_ids"], batch["mlm_labels"] = self.text.mask_words(ids, mask, self.cfg.vocab_size, g)
+            batch["mlm_mask"] = mask
+        return batch
+
+    def option_sets(self, captions, time_only, g):
+        """Five options per clip, its own caption at a random place among four of the five captions that differ from
+        it only in the time words (where time_only), or four other captions of any kind. -> (b, 5) captions, answers"""
+        b = len(captions)
+        lots = torch.rand(b, len(CAPTIONS), generator=g)
+        lots[torch.arange(b), captions] = 2  # never its own caption
+        anything = lots.argsort(1)[:, :4]
+        pick = torch.rand(b, 5, generator=g).argsort(1)[:, :4]
+        times = self.time_variants[captions, 1:].gather(1, pick)
+        options = torch.cat([captions[:, None], torch.where(time_only[:, None], times, anything)], 1)
+        order = torch.rand(b, 5, generator=g).argsort(1)
+        return options.gather(1, order), order.argmin(1)  # the answer: where column 0, the own caption, went
+
+    def mc_batch(self, captions, step, g):
+        options, answer = self.option_sets(captions, torch.rand(len(captions), generator=g) < 0.5, g)
+        return dict(options_ids=self.bank_ids[options], options_mask=self.bank_mask[options], answer=answer)
+
+    def qa_batch(self, captions, step, g):
+        kind = torch.randint(len(QUESTIONS), (len(captions),), generator=g)
+        return dict(question_ids=self.question_ids[kind], question_mask=self.question_mask[kind],
+                    answer=self.answers[captions, kind])
+
+    def held_out(self):
+        """New renders from a seed no training batch uses, as uint8, with what the task evaluates on them."""
+        g = torch.Generator().manual_seed(10_000_019 + self.opts.seed)
+        n = self.opts.eval_clips
+        captions = torch.randint(len(CAPTIONS), (n,), generator=g)
+        video = render(captions.tolist(), self.cfg.frames, self.cfg.image_size, g)
+        held = dict(video=(video * 255).round().to(torch.uint8))
+        clips = torch.arange(n)
+        if self.opts.task == "pretrain":  # each clip's caption; its time-swapped caption; its 6 time variants
+            swapped = torch.tensor([time_swapped(int(i)) for i in captions])
+            held["captions"] = dict(ids=self.bank_ids[captions], mask=self.bank_mask[captions], clip=clips, first=clips,
+                                    label=captions, clip_label=captions, text=captions, swapped_ids=self.bank_ids[swapped],
+                                    swapped_mask=self.bank_mask[swapped])
+            options = self.time_variants[captions]
+            held["mc"] = {"mc_acc": dict(ids=self.bank_ids[options], mask=self.bank_mask[options], clip=clips,
+                                         answer=torch.zeros(n, dtype=torch.long))}
+        if self.opts.task == "mc":  # 5 options of any kind; 5 that differ only in the time words
+            held["mc"] = {}
+            for name, time_only in (("mc_acc", False), ("mc_acc_time", True)):
+                options, answer = self.option_sets(captions, torch.full((n,), time_only), g)
+                held["mc"][name] = dict(ids=self.bank_ids[options], mask=self.bank_mask[options], clip=clips, answer=answer)
+        if self.opts.task == "qa":  # every question about every clip
+            kind, clip = torch.arange(len(QUESTIONS)).repeat(n), clips.repeat_interleave(len(QUESTIONS))
+            held["qa"] = dict(ids=self.question_ids[kind], mask=self.question_mask[kind], clip=clip,
+                              answer=self.answers[captions[clip], kind], type=kind, types=list(QUESTIONS))
+        return held
+
+    def samples(self, k):
+        g = torch.Generator().manual_seed(self.opts.seed)
+        captions = torch.randint(len(CAPTIONS), (k,), generator=g)
+        return render(captions.tolist(), self.cfg.frames, self.cfg.image_size, g), [caption_text(int(c)) for c in captions]
+
+
+# -----------------------------------------------------------------------------
+# Training: one loop for every task
+
+
+def train(opts):
+    """Train as the options say, or with --eval-only evaluate; returns the last evaluation's metrics."""
+    if opts.samples:
+        return Run(opts).write_samples()
+    with RunFolder(opts, main=int(os.environ.get("RANK", 0)) == 0):
+        run = Run(opts)
+        opts = run.opts  # with what the model settled (temporal, fold_div, frames)
+        if opts.eval_only:
+            return run.evaluate()
+        if run.step >= opts.steps:
+            raise BadInput(f"--steps {opts.steps}: the run in {opts.out} is at step {run.step} already")
+        try:
+            for batch in run.data.batches(run.step):
+                run.train_step(batch)
+                if run.step % opts.log_every == 0 or run.step == opts.steps:
+                    run.log()
+                evaluating = run.step % opts.eval_every == 0 or run.step == opts.steps
+                if evaluating or run.step % opts.ckpt_every == 0:
+                    run.checkpoint()  # before evaluating: a crash there loses nothing
+                if evaluating:
+                    run.evaluate()
+        except KeyboardInterrupt:
+            run.checkpoint()
+            run.say(f"\ninterrupted at step {run.step}: saved {run.ckpt_path}; --resume continues")
+            raise SystemExit(130)
+    run.say(f"done: {run.step - run.start_step} steps in {run.wall() / 60:.1f} min; {run.ckpt_path}")
+    return run.last
+
+
+class Run:
+    """What one run holds: processes and device, model and tokenizer, data and held-out set, objective and optimizer."""
+
+    def __init__(self, opts):
+        self.rank, self.world = start_processes(opts)
+        self.main = self.rank == 0
+        self.device = pick_device(opts.device)
+        self.autocast, self.scaler = mixed_precision(self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
+        torch.manual_seed(opts.seed)
+        start = read_start_point(opts)  # the checkpoint to resume or to fine-tune, if any
+        rows = read_data(opts) if opts.data or opts.val_data else None
+        self.tokenizer = start["tokenizer"] if start.get("tokenizer") else make_tokenizer(opts.vocab, texts_of(rows))
+        self.answers = answer_vocabulary(opts, start, rows)
+        self.model, self.untrained, opts = build_model(opts, start, self.tokenizer.get_vocab_size(), len(self.answers))
+        self.opts, self.cfg, self.preprocess = opts, self.model.cfg, preprocess_for(opts, start)
+        self.text = Text(self.tokenizer, self.cfg.max_text_len)
+        if rows:
+            self.data = Clips(rows, self.cfg, self.text, opts, self.preprocess, self.answers, self.device, self.rank, self.world)
+        else:
+            self.data = Synthetic(self.cfg, self.text, opts, self.preprocess, self.device, self.rank, self.world)
+        self.ckpt_path = Path(opts.out) / "ckpt.pt"
+        self.step = self.start_step = start["checkpoint"]["step"] if start.get("resume") else 0
+        if opts.samples:
+            return
+        self.model.to(self.device)
+        self.held = self.data.held_out() if self.main else None
+        if not opts.eval_only:
+            self.prepare_training(start)
+        self.first_bad = torch.full((), -1, device=self.device)  # the first step whose loss was not finite
+        self.totals, self.logged, self.flops, self.last = {}, 0, None, None
+        self.t0, self.paused_s = time.perf_counter(), 0.0
+        size = f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters"
+        self.say(f"All-in-One, task {opts.task}, temporal {self.cfg.temporal}: {size}, {self.cfg.frames} frames of "
+                 f"{self.cfg.image_size} px; {self.device}, {self.world} process(es), batch {opts.batch}"
+                 + (f"; resumed from {self.ckpt_path} at step {self.step}" if start.get("resume") else ""))
+
+    def prepare_training(self, start):
+        """The objective, the optimizer (and, resuming, their saved state), DDP."""
+        opts = self.opts
+        for name in ("batch", "vtm_clips", "mlm_clips"):
+            if getattr(opts, name) % self.world:
+                raise BadInput(f"--{name.replace('_', '-')} {getattr(opts, name)} does not divide among {self.world} processes")
+        # the objective trains the backbone and its own heads; the other heads stay as they are (frozen)
+        self.objective = objective_for(opts.task, self.model, opts)
+        trains = [h for h in self.objective.trains if not (h == "mlm_head" and opts.mlm_clips == 0)]
+        self.untrained -= set(trains)
+        if self.untrained:
+            self.say(f"heads this run does not train, never trained before: {', '.join(sorted(self.untrained))}")
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(name.split(".")[0] not in HEADS or name.split(".")[0] in trains)
+        # as the official code: no weight decay on biases and LayerNorm weights; the QA head learns 10x faster
+        groups = {}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                groups.setdefault((p.ndim >= 2, 10.0 if name.startswith("qa_head.") else 1.0), []).append(p)
+        self.params = [p for ps in groups.values() for p in ps]
+        self.opt = torch.optim.AdamW([dict(params=ps, weight_decay=opts.weight_decay if decay else 0.0, lr_mult=mult)
+                                      for (decay, mult), ps in groups.items()],
+                                     lr=opts.lr, betas=(0.9, 0.98), fused=self.device.type in ("cuda", "cpu"))
+        if start.get("resume"):
+            self.opt.load_state_dict(start["checkpoint"]["optimizer"])
+            self.scaler.load_state_dict(start["checkpoint"]["scaler"])
+            set_rng_state(start["checkpoint"]["rng"])
+        self.model.train()
+        step_fn = self.objective
+        if self.world > 1:  # every parameter that needs a gradient gets one: no search for unused ones
+            step_fn = nn.parallel.DistributedDataParallel(self.objective, find_unused_parameters=False)
+        self.step_fn = torch.compile(step_fn) if opts.compile else step_fn
+
+    def say(self, message):
+        if self.main:
+            print(message, flush=True)
+
+    def train_step(self, batch):
+        if self.flops is None:
+            self.flops = count_flops(self.objective, batch, self.device) / len(batch["video"])
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.step, self.opts) * group["lr_mult"]
+        with self.autocast:
+            out = self.step_fn(batch)
+        self.scaler.scale(out["loss"]).backward()
+        self.scaler.unscale_(self.opt)
+        norm = nn.utils.clip_grad_norm_(self.params, self.opts.clip_grad)
+        self.scaler.step(self.opt)  # skips the step when fp16 gradients overflowed, and lowers the scale
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        # the NaN guard, without waiting for the device: a non-finite loss, or gradient where no scaler handles it
+        bad = ~torch.isfinite(out["loss"].detach()) | (~torch.isfinite(norm) & (not self.scaler.is_enabled()))
+        self.first_bad = torch.where((self.first_bad < 0) & bad, self.step, self.first_bad)
+        for k, v in out.items():
+            self.totals[k] = self.totals.get(k, 0) + v.detach().float()
+        self.logged += 1
+
+    def check_finite(self, weights=False):
+        """Stop the run, before a checkpoint or a number is written, at the first non-finite loss or weight."""
+        bad = int(self.first_bad)
+        if bad < 0 and weights and not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            bad = self.step
+        if bad >= 0:
+            kept = f"{self.ckpt_path} is from before it" if self.ckpt_path.exists() else "no checkpoint was written"
+            raise BadInput(f"step {bad}: the loss or the weights are not finite (NaN or inf): stopped; {kept}. "
+                           "A smaller --lr, or a larger --temperature, may help")
+
+    def log(self):
+        self.check_finite()
+        if self.main:
+            o, mean = self.opts, {k: v.item() / self.logged for k, v in self.totals.items()}
+            rate = (self.step - self.start_step) * o.batch / self.train_seconds()
+            parts = " ".join(f"{k} {v:.3f}" for k, v in mean.items() if k != "loss")
+            bad = f" | skipped {self.data.skipped.count} clips" if self.data.skipped else ""
+            print(f"step {self.step:5d}/{o.steps} | loss {mean['loss']:.3f} ({parts}) | lr {lr_at(self.step - 1, o):.1e} "
+                  f"| {rate:.0f} clips/s | ETA {(o.steps - self.step) * o.batch / rate / 60:.1f} min{bad}", flush=True)
+        self.totals, self.logged = {}, 0
+
+    def checkpoint(self):
+        with self.paused():
+            self.check_finite(weights=True)
+            if self.main:
+                save_atomic(dict(
+                    model=self.model.state_dict(), config=dataclasses.asdict(self.cfg), options=dataclasses.asdict(self.opts),
+                    tokenizer=self.tokenizer.to_str(), preprocess=self.preprocess, answers=self.answers,
+                    untrained=sorted(self.untrained), optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict(),
+                    step=self.step, rng=rng_state()), self.ckpt_path)
+
+    def evaluate(self):
+        """Held-out metrics: printed, appended to metrics.jsonl (rank 0 only) and returned."""
+        with self.paused():
+            if not self.main:
+                return None
+            o = self.opts
+            metrics, notes = evaluate(self.model, self.held, self.text, self.autocast, self.preprocess, self.untrained,
+                                      progress=o.eval_only)
+            for note in notes:
+                print(f"note: {note}")
+            row = dict(step=self.step, task=o.task, temporal=self.cfg.temporal, **metrics)
+            if o.eval_only:
+                row.update(eval_only=True, checkpoint=str(self.ckpt_path if o.resume else o.init))
+            else:
+                row.update(clips_per_s=(self.step - self.start_step) * o.batch / self.train_seconds(),
+                           wall_s=self.wall(), flops_per_clip=self.flops)
+            if self.data.skipped:
+                row.update(skipped_clips=self.data.skipped.count, truncated_captions=self.data.truncated)
+            with open(Path(o.out) / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if o.eval_only:
+                print("\n".join(f"{k:>22}  {v:.4f}" if isinstance(v, float) else f"{k:>22}  {v}" for k, v in row.items()))
+            else:
+                print("eval " + " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+                      flush=True)
+            self.last = row
+            return row
+
+    @contextlib.contextmanager
+    def paused(self):  # time spent in here (evaluation, checkpoints) is not training time
+        sync(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - start
+
+    def wall(self):
+        return time.perf_counter() - self.t0
+
+    def train_seconds(self):
+        sync(self.device)
+        return self.wall() - self.paused_s
+
+    def write_samples(self):
+        out = Path(self.opts.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_samples(out / "samples.png", *self.data.samples(self.opts.samples))
+        print(f"wrote {out / 'samples.png'} and {out / 'samples.txt'}")
+
+
+def ablation(opts):
+    rows = []
+    for mode in ("roll", "none", "flatten"):
+        print(f"\n=== --temporal {mode} ===")
+        rows.append(train(dataclasses.replace(opts, temporal=mode, out=str(Path(opts.out) / mode))))
+    keys = ["vtm_acc", "vtm_acc_temporal", "mc_acc", "mlm_acc", "t2v_r1", "t2v_r5", "v2t_r1", "clips_per_s",
+            "flops_per_clip", "wall_s"]
+    print(f"\n{'temporal':10}" + "".join(f"{k:>17}" for k in keys))
+    for r in rows:
+        print(f"{r['temporal']:10}" + "".join(f"{r[k] / 1e6:>13.1f} MFL" if k == "flops_per_clip" else f"{r[k]:17.3f}"
+                                              for k in keys))
+    return rows
+
+
+# --- set-up
+
+
+def start_processes(opts):
+    """(rank, world size): under torchrun, each process takes its own GPU (before the process group starts)."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available() and opts.device in ("auto", "cuda")
+        if cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def pick_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())  # under torchrun: this process's GPU
+    return torch.device(name)
+
+
+def mixed_precision(device):
+    """(autocast, loss scaler): bf16 where the GPU has it natively (Ampere and later), fp16 with a loss scaler on older
+    GPUs and on MPS, full precision on the CPU. The scaler does nothing when disabled, so the loop has one path."""
+    if device.type == "cpu":
+        return torch.autocast("cpu", enabled=False), torch.amp.GradScaler("cpu", enabled=False)
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    dtype = torch.bfloat16 if bf16 else torch.float16
+    return torch.autocast(device.type, dtype=dtype), torch.amp.GradScaler(device.type, enabled=not bf16)
+
+
+def keep_freed_memory():
+    """On Linux, glibc's allocator hands big freed blocks back to the system and takes them again on the next step,
+    faulting every page in: 2 million page faults in 100 steps of the default CPU run, 7% of its time. Keep them, as
+    the jemalloc that PyTorch's CPU tuning guide suggests would. Elsewhere, nothing."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MB (glibc's most) come from the heap ...
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: ... which keeps up to 1 GB of freed memory
+
+
+def sync(device):  # wait for the device, so that a clock reading means what it says
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def lr_at(step, o):
+    if step < o.warmup:
+        return o.lr * (step + 1) / o.warmup
+    progress = min(1.0, (step - o.warmup) / max(1, o.horizon - o.warmup))
+    return o.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def flop_counter():
+    """torch's FLOP counter, taught the CPU attention kernels it does not count by itself (torch 2.13)."""
+    aten = torch.ops.aten
+    return FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda g, q, k, v, *_, **__: sdpa_backward_flop_count(g, q, k, v),
+    })
+
+
+def count_flops(objective, batch, device):
+    """FLOPs of one forward and backward on the batch; the gradients are thrown away and the random state is left
+    as it was, so that the run goes on as if this had not happened."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), flop_counter() as counter:
+        objective(batch)["loss"].backward()
+    objective.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def write_samples(path, video, captions):
+    """A PNG strip, one clip per row, frames left to right, written with PyAV. video: (k, t, 3, H, W) in [0, 1]."""
+    video = F.pad(video, (0, 1), value=1.0)  # a white line after each frame
+    img = (rearrange(video, "k t c h w -> (k h) (t w) c") * 255).round().clamp(0, 255).byte()
+    img = img.repeat_interleave(4, 0).repeat_interleave(4, 1).numpy()  # 4x larger, so the pixels show
+    with av.open(str(path), "w", format="image2") as out:
+        stream = out.add_stream("png")
+        stream.width, stream.height, stream.pix_fmt = img.shape[1], img.shape[0], "rgb24"
+        for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+            out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    Path(path).with_suffix(".txt").write_text("\n".join(captions) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# Evaluation, the way papers report it
+
+
+def first_hit_ranks(sim, hits):
+    """(q, i) similarities and (q, i) bool hits -> (q,) rank of each query's best hit (1 = first). Ties count against
+    the model: every other item scoring as high as the best hit ranks before it; a NaN score ranks last."""
+    sim = sim.float().nan_to_num(nan=-math.inf)
+    best = sim.masked_fill(~hits, -math.inf).amax(1, keepdim=True)
+    return 1 + ((sim >= best) & ~hits).sum(1)
+
+
+def retrieval_metrics(ranks, direction):  # the MSR-VTT protocol: R@1, R@5, R@10 and the median rank
+    out = {f"{direction}_r{k}": (ranks <= k).float().mean().item() for k in (1, 5, 10)}
+    out[f"{direction}_medr"] = float(np.median(ranks.numpy()))
+    return out
+
+
+class Progress:
+    """A line every few seconds while something long runs: how far, how fast, how long still."""
+
+    def __init__(self, what, total, loud, every=10.0):
+        self.what, self.total, self.loud, self.every = what, total, loud, every
+        self.done, self.start, self.last = 0, time.perf_counter(), time.perf_counter()
+
+    def __call__(self, n):
+        self.done += n
+        now = time.perf_counter()
+        if self.loud and now - self.last > self.every or self.done == self.total and now - self.start > self.every:
+            rate = self.done / max(now - self.start, 1e-9)
+            print(f"{self.what}: {self.done}/{self.total}, {rate:.1f}/s, {(self.total - self.done) / rate:.0f} s left",
+                  flush=True)
+            self.last = now
+
+
+@torch.no_grad()
+def evaluate(model, held, text, autocast, preprocess, untrained=(), chunk=256, progress=False):
+    """Held-out metrics (README: What the metrics mean), and notes on the metrics left out and why. held: from
+    Synthetic.held_out or Clips.held_out. Every accuracy and rank counts ties against the model."""
+    model.eval()
+    dev, untrained = next(model.parameters()).device, set(untrained)
+    video = held["video"]  # (clips, t, 3, H, W) uint8
+    metrics, notes = {"clips": len(video)}, []
+
+    def passes(what, n, fn):  # fn(slice) for the chunks of n passes, concatenated on the CPU
+        meter, out = Progress(f"eval {what}", n, progress), []
+        for s in range(0, n, chunk):
+            with autocast:
+                out.append(fn(slice(s, s + chunk)).float().cpu())
+            meter(min(chunk, n - s))
+        return torch.cat(out)
+
+    def joint(what, clip, ids, mask, head):  # head(Output, slice) of the joint pass of each (clip[i], ids[i]) pair
+        return passes(what, len(ids), lambda p: head(model(normalize(video[clip[p]].to(dev), preprocess),
+                                                           ids[p].to(dev), mask[p].to(dev)), p))
+
+    def vtm_right(clip, ids, mask, label):  # VTM said label (1 match, 0 no match) and meant it
+        logits = joint("VTM", clip, ids, mask, lambda o, p: model.vtm_head(o.pooled))
+        return strictly_best(logits, torch.full((len(ids),), label))
+
+    if "captions" in held:
+        c = held["captions"]
+        metrics["captions"] = len(c["ids"])
+        clips, first = torch.arange(len(video)), c["first"]  # each clip with one of its captions
+        ids, mask = c["ids"][first], c["mask"][first]
+        if "vtm_head" in untrained:
+            notes.append("vtm_acc left out: the VTM head was never trained")
+        elif len(video) < 2:
+            notes.append("vtm_acc left out: it needs two held-out clips (a caption of another clip)")
+        else:  # each clip with one of its captions, and with a caption of another clip that is a different text
+            g = torch.Generator().manual_seed(1)
+            other = (c["label"][None] != c["clip_label"][:, None]) & (c["text"][None] != c["text"][first][:, None])
+            lots = torch.rand(other.shape, generator=g).masked_fill(~other, -1)
+            wrong, has = lots.argmax(1), other.any(1)
+            matched = vtm_right(clips, ids, mask, 1)
+            metrics["vtm_acc"] = (matched.float().mean() + vtm_right(clips[has], c["ids"][wrong[has]],
+                                                                       c["mask"][wrong[has]], 0).float().mean()).item() / 2
+            if "swapped_ids" in c:  # synthetic: the same caption with its time words swapped
+                swapped = vtm_right(clips, c["swapped_ids"], c["swapped_mask"], 0)
+                metrics["vtm_acc_temporal"] = (matched.float().mean() + swapped.float().mean()).item() / 2
+        masked, labels = text.mask_words(ids, mask, model.cfg.vocab_size, torch.Generator().manual_seed(2))
+        picked = labels != -100
+        if "mlm_head" in untrained:
+            notes.append("mlm_acc left out: the MLM head was never trained")
+        elif not picked.any():
+            notes.append("mlm_acc left out: no held-out caption has a word to mask")
+        else:  # BERT masking with a fixed seed; right where the true word scores above every other
+            right = joint("MLM", clips, masked, mask, lambda o, p: strictly_best(
+                model.mlm_head(o.text)[picked[p].to(dev)], labels[p][picked[p]].to(dev)))
+            metrics["mlm_acc"] = right.mean().item()
+        if untrained & {"text_proj", "video_proj"}:
+            notes.append("retrieval left out: the contrastive projections were never trained (the checkpoint has "
+                         "none), so its numbers would be chance")
+        elif len(video) < 2:
+            notes.append("retrieval left out: it needs two held-out clips")
+        else:  # dual-stream: text-only against video-only features; a hit is a caption's own clip (or text)
+            t = passes("text", len(c["ids"]), lambda p: model.text_proj(
+                model.encode_text(c["ids"][p].to(dev), c["mask"][p].to(dev)).text[:, 0]))
+            v = passes("video", len(video), lambda p: model.video_proj(
+                model.encode_video(normalize(video[p].to(dev), preprocess)).video[:, 0]))
+            sim, hits = cosine_similarity(t, v), c["label"][:, None] == c["clip_label"][None]  # (captions, clips)
+            metrics.update(retrieval_metrics(first_hit_ranks(sim, hits), "t2v"))
+            metrics.update(retrieval_metrics(first_hit_ranks(sim.T, hits.T), "v2t"))
+
+    scorer_trained = "mc_head" not in untrained if model.cfg.mc_head else "vtm_head" not in untrained
+    for name, s in held.get("mc", {}).items():  # the right option must score above every other
+        if not scorer_trained:
+            notes.append(f"{name} left out: the multiple-choice scorer (the VTM head) was never trained")
+            continue
+        n, k = s["ids"].shape[:2]
+        scores = joint("options", s["clip"].repeat_interleave(k), s["ids"].flatten(0, 1), s["mask"].flatten(0, 1),
+                       lambda o, p: model.mc_score(o.pooled))
+        metrics[name] = strictly_best(scores.view(n, k), s["answer"]).float().mean().item()
+
+    if "qa" in held:
+        q = held["qa"]
+        if not model.cfg.num_answers or "qa_head" in untrained:
+            notes.append("qa_acc left out: the model has no trained QA head")
+        else:  # an answer outside the vocabulary (-1) is always wrong
+            logits = joint("QA", q["clip"], q["ids"], q["mask"], lambda o, p: model.qa_head(o.pooled))
+            right = strictly_best(logits, q["answer"].clamp(min=0)) & (q["answer"] >= 0)
+            metrics["qa_acc"] = right.float().mean().item()
+            for i, kind in enumerate(q["types"]):
+                if (q["type"] == i).any():
+                    metrics[f"qa_acc_{kind}"] = right[q["type"] == i].float().mean().item()
+            metrics["qa_unknown_answers"] = (q["answer"] < 0).float().mean().item()
+    model.train()
+    return metrics, notes
+
+
+# -----------------------------------------------------------------------------
+# Start points and checkpoints: what a run starts from, what it saves, and the folder it owns
+
+HEADS = ("vtm_head", "mlm_head", "text_proj", "video_proj", "qa_head", "mc_head")
+
+
+def read_start_point(opts):
+    """What the run starts from: {} from scratch; else the checkpoint (read without running code from it), and
+    whether it is ours (a train_tiny.py ckpt.pt: config, tokenizer and heads come from it) and a run to resume."""
+    if not (opts.resume or opts.init):
+        return {}
+    path = Path(opts.out) / "ckpt.pt" if opts.resume else Path(opts.init)
+    try:
+        ckpt = load_checkpoint(path)
+    except ValueError as e:
+        raise BadInput(f"--{'resume' if opts.resume else 'init'}: {e}") from None
+    if not isinstance(ckpt, dict):
+        raise BadInput(f"{path}: not a checkpoint (it holds a {type(ckpt).__name__})")
+    ours = all(k in ckpt for k in ("model", "config", "tokenizer"))
+    if opts.resume and not ours:
+        raise BadInput(f"--resume: {path} is not a train_tiny.py checkpoint")
+    if not ours and not opts.vocab:
+        raise BadInput(f"--init {path} is not a train_tiny.py checkpoint: an official one needs its BERT "
+                       "vocabulary, --vocab vocab.txt")
+    start = dict(checkpoint=ckpt, path=path, ours=ours, resume=opts.resume)
+    if ours:
+        start["tokenizer"] = Tokenizer.from_str(ckpt["tokenizer"])
+    return start
+
+
+def preprocess_for(opts, start):
+    """Frames as the start point saw them: an official checkpoint the official way, ours as it was trained."""
+    if opts.preprocess != "auto":
+        return opts.preprocess
+    if start.get("ours"):
+        return start["checkpoint"].get("preprocess", "ours")
+    return "official" if start else "ours"
+
+
+def answer_vocabulary(opts, start, rows):
+    """The QA classes: a start point's own, else every training answer (or the --answers N most frequent, ties in
+    alphabetical order); [] without a QA task."""
+    if start.get("ours") and start["checkpoint"].get("answers"):
+        return list(start["checkpoint"]["answers"])
+    if opts.task != "qa":
+        return []
+    if rows is None:
+        return list(ANSWERS)
+    counts = Counter(r["answer"] for r in rows["train"])
+    ranked = sorted(counts, key=lambda a: (-counts[a], a))
+    return ranked[: opts.answers] if opts.answers else ranked
+
+
+def build_model(opts, start, vocab_size, num_answers):
+    """The model a run trains: a preset from scratch, or a start point's, with the task's head. Returns (model, the
+    heads it holds that were never trained, opts with the model's temporal, fold_div and frames)."""
+    task_head = {}
+    if opts.task == "mc":
+        task_head["mc_head"] = True
+    if opts.task == "qa":
+        task_head["num_answers"] = num_answers
+    try:
+        if start.get("resume"):
+            cfg = Config(**start["checkpoint"]["config"])
+            model = AllInOne(cfg)
+            model.load_state_dict(start["checkpoint"]["model"])
+            untrained = set(start["checkpoint"].get("untrained", ()))
+        elif start:
+            ckpt = start["checkpoint"]
+            saved = ckpt["config"] if start["ours"] else {}  # an official checkpoint: the official model's settings
+            keep = {k: saved[k] for k in ("video_only_temporal", "video_pos_std", "video_time_std") if k in saved}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the heads it lacks are listed below
+                model = AllInOne.from_official(
+                    ckpt["model"] if start["ours"] else ckpt, frames=opts.frames or None,
+                    heads=saved.get("heads") or opts.heads or None, temporal=opts.temporal or saved.get("temporal", "roll"),
+                    fold_div=opts.fold_div or saved.get("fold_div", 8), dropout=opts.dropout, **keep, **task_head)
+            untrained = set(ckpt.get("untrained", ())) | set(model.fresh_heads)
+            if model.cfg.vocab_size != vocab_size:
+                raise BadInput(f"--init {start['path']} has a {model.cfg.vocab_size}-token vocabulary, the tokenizer "
+                               f"({opts.vocab or 'its own'}) {vocab_size}")
+        else:
+            cfg = Config.preset(opts.preset, vocab_size=vocab_size, frames=opts.frames or PRESETS[opts.preset]["frames"],
+                                image_size=opts.image_size or PRESETS[opts.preset]["image_size"],
+                                temporal=opts.temporal or "roll", fold_div=opts.fold_div or 8, dropout=opts.dropout,
+                                video_only_temporal=True, **task_head)  # rolling in the video-only pass too: README
+            model = AllInOne(cfg)
+            untrained = {name for name in HEADS if hasattr(model, name)}
+    except ValueError as e:  # a config that cannot be (image size, frames, fold_div, heads, answers): name it
+        raise BadInput(f"cannot build the model: {e}") from None
+    cfg = model.cfg
+    return model, untrained, dataclasses.replace(opts, temporal=cfg.temporal, fold_div=cfg.fold_div, frames=cfg.frames)
+
+
+class RunFolder:
+    """--out holds one run. A lock, held for the whole run, makes a second run on the folder fail at once (the
+    operating system drops it when the process ends, however it ends). A folder that holds a run is refused unless
+    --resume continues it, or --restart moves its files to OUT/previous-<time>/; --eval-only adds rows to
+    metrics.jsonl and writes no checkpoint."""
+
+    def __init__(self, opts, main=True):
+        self.opts, self.main, self.path, self.lock = opts, main, Path(opts.out), None
+
+    def __enter__(self):
+        if not self.main:
+            return self
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.lock = open(self.path / "lock", "a+")
+        try:
+            lock_file(self.lock)
+        except OSError:
+            self.lock.seek(0)
+            holder = self.lock.read().strip() or "another process"
+            self.lock.close()
+            raise BadInput(f"--out {self.path} is in use by another run ({holder}): one run per folder") from None
+        self.lock.seek(0)
+        self.lock.truncate()
+        self.lock.write(f"process {os.getpid()}\n")
+        self.lock.flush()
+        for tmp in self.path.glob("ckpt.pt.*.tmp"):  # a write cut short by a killed run
+            tmp.unlink()
+        o = self.opts
+        held = [p for p in (self.path / "ckpt.pt", self.path / "metrics.jsonl") if p.exists()]
+        if o.eval_only and not o.resume:
+            held = held[:1]  # evaluations of other checkpoints may share a folder, not with a run
+        if held and not o.resume:
+            if not o.restart:
+                self.__exit__()
+                raise BadInput(f"--out {self.path} holds a run ({', '.join(p.name for p in held)}): --resume continues "
+                               f"it, --restart moves it to {self.path}/previous-<time>/ and starts over, or choose "
+                               "another --out")
+            aside = self.path / time.strftime("previous-%Y%m%d-%H%M%S")
+            aside.mkdir()
+            for p in held:
+                shutil.move(p, aside / p.name)
+            print(f"--restart: moved {', '.join(p.name for p in held)} to {aside}")
+        return self
+
+    def __exit__(self, *exc):
+        if self.lock:
+            self.lock.close()  # and with it the lock
+            self.lock = None
+
+
+def lock_file(f):
+    """An exclusive lock on an open file, or OSError if another process holds it."""
+    if os.name == "nt":
+        import msvcrt
+        f.seek(0)
+        msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+    else:
+        import fcntl
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file of this process beside path, then rename: a crash or a kill mid-write leaves the
+    previous file as it was."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# =============================================================================
+# Real clips (--data, --val-data): frames sampled as in the paper's code, decoded with PyAV by seeking to the
+# keyframe before each; data files; a dataset and a distributed sampler. The synthetic run uses none of this.
+
+
+class ClipError(BadInput):
     """A clip that cannot be loaded; the message names the file and the reason."""
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # an image is a clip of one repeated frame
+SQUASH, ZOOM = 512, 1.2  # official frames: squashed to 512x512, resized to 1.2 x size, then cropped to size
 
 
 def segment_frames(n, num_frames, train=False, generator=None):
@@ -251,91 +1309,214 @@ def decode_at(container, stream, wanted, keys):
     return found
 
 
-def to_rgb(frame, size, crop):
-    """A decoded frame as uint8 (size, size, 3): shorter side resized to size (PyAV, in C), turned upright as its
-    rotation metadata says, then cropped at relative offsets crop (0.5, 0.5 = the centre)."""
+def to_rgb(frame, size, crop, preprocess):
+    """A decoded frame as uint8 (size, size, 3), turned upright as its rotation metadata says (decord, which the
+    official code reads with, does too). ours: the shorter side resized to size (PyAV, in C), cropped at relative
+    offsets crop (0.5, 0.5 = the centre). official: squashed to 512x512 (bilinear, as decord), resized to 1.2 x size
+    as Pillow's bilinear filter does (the official transform's), then cropped (its centre crop rounds as it does)."""
     quarter = round(frame.rotation / 90) % 4  # counter-clockwise quarter turns that make it upright
     w, h = (frame.height, frame.width) if quarter % 2 else (frame.width, frame.height)  # as shown
+    if preprocess == "official":
+        w = h = int(ZOOM * size)
+        img = np.rot90(frame.reformat(width=SQUASH, height=SQUASH, format="rgb24").to_ndarray(), quarter)
+        img = resize_like_pillow(np.ascontiguousarray(img), w)
+        y, x = (int(round((w - size) / 2)),) * 2 if crop is None else (int(c * (w - size + 1)) for c in crop)
+        return img[y: y + size, x: x + size]
     scale = size / min(w, h)
     w, h = max(size, round(w * scale)), max(size, round(h * scale))
     stored_w, stored_h = (h, w) if quarter % 2 else (w, h)
     img = np.rot90(frame.reformat(width=stored_w, height=stored_h, format="rgb24").to_ndarray(), quarter)
-    y, x = int(crop[0] * (h - size + 1)), int(crop[1] * (w - size + 1))
+    y, x = (int(c * (s - size + 1)) for c, s in zip(crop or (0.5, 0.5), (h, w)))
     return img[y: y + size, x: x + size]
 
 
-def load_clip(path, num_frames, size, train=False, start=None, end=None, generator=None):
-    """num_frames frames of a video as float32 (num_frames, 3, size, size) in [-1, 1], picked among the frames whose
-    time (seconds from the first frame) lies in [start, end). Training picks random frames of each segment and a
-    random crop (from generator); evaluation the segment middles and the centre. Raises ClipError."""
+def resize_like_pillow(img, size):
+    """uint8 (n, n, 3) -> (size, size, 3) as Pillow's Image.resize(BILINEAR): a triangle filter widened by the scale
+    when shrinking, weights in 22-bit fixed point, rows first and rounded to uint8 before the columns."""
+    weights = pillow_weights(img.shape[0], size)  # (size, n) int64
+    rows = np.clip((np.einsum("ox,yxc->yoc", weights, img.astype(np.int64)) + (1 << 21)) >> 22, 0, 255)
+    return np.clip((np.einsum("oy,yxc->oxc", weights, rows) + (1 << 21)) >> 22, 0, 255).astype(np.uint8)
+
+
+def pillow_weights(n_in, n_out):
+    """The weights of Pillow's bilinear resampling from n_in to n_out pixels (its precompute_coeffs), fixed point."""
+    scale = n_in / n_out
+    support = max(scale, 1.0)  # the triangle's half-width, widened when shrinking
+    out = np.zeros((n_out, n_in))
+    for o in range(n_out):
+        centre = (o + 0.5) * scale
+        lo, hi = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), n_in)
+        w = np.maximum(0.0, 1 - np.abs((np.arange(lo, hi) - centre + 0.5) / support))
+        out[o, lo:hi] = w / w.sum()
+    return np.trunc(out * (1 << 22) + 0.5).astype(np.int64)  # C's (int)(0.5 + w * 2^22), all w >= 0
+
+
+def read_clip(path, num_frames, size, train=False, start=None, end=None, generator=None, preprocess="ours"):
+    """num_frames frames of a video as uint8 (num_frames, 3, size, size), picked among the frames whose time (seconds
+    from the first frame) lies in [start, end). Training picks random frames of each segment and a random crop (from
+    generator); evaluation the segment middles and the centre. An image file is one frame, repeated. Raises ClipError."""
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise ClipError("no video stream")
             stream = container.streams.video[0]
-            if torch.utils.data.get_worker_info() is None:  # slice threads: no frame delay after each seek
-                stream.codec_context.thread_type = "SLICE"
-            else:  # one thread in each DataLoader worker, so that workers do not oversubscribe the CPU
-                stream.codec_context.thread_count = 1
-            pts, keys = frame_table(container, stream)
-            first = pts[0] if pts else 0
-            lo = first + (start or 0) / stream.time_base
-            hi = math.inf if end is None else first + end / stream.time_base
-            pts = [p for p in pts if lo <= p < hi]
-            if not pts:
-                raise ClipError("no video frames" + ("" if start is None and end is None else f" in [{start}, {end}) s"))
-            wanted = [pts[i] for i in segment_frames(len(pts), num_frames, train, generator)]
-            crop = torch.rand(2, generator=generator).tolist() if train else (0.5, 0.5)
-            frames = decode_at(container, stream, sorted(set(wanted)), keys)
-            clip = np.stack([to_rgb(frames[p], size, crop) for p in wanted])
+            crop = torch.rand(2, generator=generator).tolist() if train else None
+            if Path(path).suffix.lower() in IMAGE_SUFFIXES:
+                frame = next(container.decode(stream), None)
+                if frame is None:
+                    raise ClipError("no image decoded")
+                clip = np.stack([to_rgb(frame, size, crop, preprocess)] * num_frames)
+            else:
+                if torch.utils.data.get_worker_info() is None:  # slice threads: no frame delay after each seek
+                    stream.codec_context.thread_type = "SLICE"
+                else:  # one thread in each DataLoader worker, so that workers do not oversubscribe the CPU
+                    stream.codec_context.thread_count = 1
+                pts, keys = frame_table(container, stream)
+                first = pts[0] if pts else 0
+                lo = first + (start or 0) / stream.time_base
+                hi = math.inf if end is None else first + end / stream.time_base
+                pts = [p for p in pts if lo <= p < hi]
+                if not pts:
+                    raise ClipError("no video frames" + ("" if start is None and end is None else f" in [{start}, {end}) s"))
+                wanted = [pts[i] for i in segment_frames(len(pts), num_frames, train, generator)]
+                frames = decode_at(container, stream, sorted(set(wanted)), keys)
+                clip = np.stack([to_rgb(frames[p], size, crop, preprocess) for p in wanted])
+    except ClipError as e:
+        raise ClipError(f"cannot load {path}: {e}") from None
     except (av.error.FFmpegError, OSError, ValueError, EOFError) as e:
-        raise ClipError(f"cannot load {path}: {e}") from e
-    return torch.from_numpy(clip).permute(0, 3, 1, 2).float().div_(127.5).sub_(1)
+        raise ClipError(f"cannot load {path}: {getattr(e, 'strerror', None) or e}") from None
+    return torch.from_numpy(clip).permute(0, 3, 1, 2).contiguous()
+
+
+def load_clip(path, num_frames, size, train=False, start=None, end=None, generator=None, preprocess="ours"):
+    """A clip as the model takes it: float32 (num_frames, 3, size, size), normalised. preprocess: "ours" (the shorter
+    side resized to size, [-1, 1]) or "official" (the official pipeline: squash, resize, crop, ImageNet's mean and
+    std). Raises ClipError."""
+    return normalize(read_clip(path, num_frames, size, train, start, end, generator, preprocess), preprocess)
+
+
+# --- data files
+
+KINDS = {"captions": "caption", "mc": "options and answer", "qa": "question and answer"}  # kind -> its columns
+TASK_KIND = {"pretrain": "captions", "mc": "mc", "qa": "qa"}
 
 
 def read_rows(path, video_root=""):
-    """A CSV (with a header) or JSON-lines file of video, caption and optional start, end (seconds). Video paths are
-    relative to video_root, else to the file's folder. A bad row is an error that names its line."""
+    """(kind, rows) of a data file: a CSV with a header, or JSON lines (.jsonl or .json, any case), in UTF-8 with or
+    without a byte-order mark. Every row has `video` (relative to video_root, else to the file's folder) and
+    optional `start` / `end` (seconds); the kind follows the columns: `caption` (pre-training, retrieval), `options`
+    (a JSON list) and `answer` (its index: multiple choice), or `question`, `answer` and optional `type` (QA). A bad
+    row is an error naming the file and its line."""
     path = Path(path)
     root = Path(video_root) if video_root else path.parent
-    with open(path, newline="", encoding="utf-8") as f:
-        if path.suffix in (".jsonl", ".json"):
-            lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
-            rows = []
-            for n, line in lines:
+    raw = path.read_bytes()
+    try:
+        content = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise BadInput(f"{path} line {line}: not UTF-8 (byte {raw[e.start]:#04x}); save the file as UTF-8") from None
+    if path.suffix.lower() in (".jsonl", ".json"):
+        records = []
+        for n, line in enumerate(content.split("\n"), 1):
+            if line.strip():
                 try:
-                    rows.append((n, json.loads(line)))
+                    records.append((n, json.loads(line)))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path} line {n}: not JSON ({e.msg})") from None
-        else:
-            reader = csv.DictReader(f)
-            rows = [(reader.line_num, row) for row in reader]
-    out = []
-    for n, row in rows:
-        where = f"{path} line {n}"
-        if not isinstance(row, dict) or not str(row.get("video") or "").strip():
-            raise ValueError(f"{where}: no 'video'")
-        caption = str(row.get("caption") or "").strip()
-        if not caption:
-            raise ValueError(f"{where}: empty caption")
+                    raise BadInput(f"{path} line {n}: not JSON ({e.msg}); the file needs one JSON object per line") from None
+    else:
+        reader = csv.DictReader(io.StringIO(content, newline=""))
+        records = [(reader.line_num, row) for row in reader]
+    if not records:
+        raise BadInput(f"{path}: no rows")
+    keys = records[0][1] if isinstance(records[0][1], dict) else {}
+    kind = "mc" if "options" in keys else "qa" if "question" in keys else "captions"
+    return kind, [parse_row(row, kind, root, f"{path} line {n}") for n, row in records]
+
+
+def parse_row(row, kind, root, where):
+    if not isinstance(row, dict) or not str(row.get("video") or "").strip():
+        raise BadInput(f"{where}: no 'video'")
+    try:
+        start, end = (None if row.get(k) in (None, "") else float(row[k]) for k in ("start", "end"))
+    except ValueError:
+        raise BadInput(f"{where}: start and end must be seconds, got {row.get('start')!r}, {row.get('end')!r}") from None
+    if start is not None and end is not None and not start < end:
+        raise BadInput(f"{where}: start {start} is not before end {end}")
+    out = dict(video=str(root / str(row["video"]).strip()), start=start, end=end)
+
+    def text(name):
+        value = str(row.get(name) or "").strip()
+        if not value:
+            raise BadInput(f"{where}: empty {name}")
+        return value
+
+    if kind == "captions":
+        out["caption"] = text("caption")
+    elif kind == "qa":
+        out.update(question=text("question"), answer=text("answer"), type=str(row.get("type") or "").strip())
+    else:
+        options = row.get("options")
         try:
-            start, end = (None if row.get(k) in (None, "") else float(row[k]) for k in ("start", "end"))
-        except ValueError:
-            raise ValueError(f"{where}: start and end must be seconds, got {row.get('start')!r}, {row.get('end')!r}") from None
-        if start is not None and end is not None and not start < end:
-            raise ValueError(f"{where}: start {start} is not before end {end}")
-        out.append(dict(video=str(root / str(row["video"]).strip()), caption=caption, start=start, end=end))
-    if not out:
-        raise ValueError(f"{path}: no rows")
+            options = json.loads(options) if isinstance(options, str) else options
+        except json.JSONDecodeError:
+            options = None
+        if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) and o.strip() for o in options):
+            raise BadInput(f"{where}: options must be a JSON list of two or more captions")
+        try:
+            answer = int(row.get("answer"))
+        except (TypeError, ValueError):
+            raise BadInput(f"{where}: answer must be the index of the right option, got {row.get('answer')!r}") from None
+        if not 0 <= answer < len(options):
+            raise BadInput(f"{where}: answer {answer} is outside its {len(options)} options (0 to {len(options) - 1})")
+        out.update(options=[o.strip() for o in options], answer=answer)
     return out
 
 
-class ClipDataset(torch.utils.data.Dataset):
-    """Item (index, seed): that row's clip, or, when its file cannot be loaded, the next row's; the failures ride
-    along to the main process, which reports and counts them. Training items are random (frames, crop) by seed."""
+def read_data(opts):
+    """The training and held-out rows of --data and --val-data, checked against --task. Without --val-data,
+    --val-share of --data's videos is held out, so that no video is in both."""
+    kind = TASK_KIND[opts.task]
+    rows = dict(train=[], val=[], kind=kind)
+    if opts.data:
+        found, rows["train"] = read_rows(opts.data, opts.video_root)
+        if found != kind:
+            raise BadInput(f"--data {opts.data} has {KINDS[found]} rows; --task {opts.task} trains on rows with "
+                           f"{KINDS[kind]}")
+    if opts.val_data:
+        found, rows["val"] = read_rows(opts.val_data, opts.video_root)
+        if found != kind and not (opts.task == "pretrain" and found == "mc"):  # pre-training: zero-shot MC too
+            raise BadInput(f"--val-data {opts.val_data} has {KINDS[found]} rows; --task {opts.task} evaluates rows "
+                           f"with {KINDS[kind]}" + (" (or multiple choice)" if opts.task == "pretrain" else ""))
+        rows["kind"] = found
+    else:  # hold out whole videos
+        videos = sorted({r["video"] for r in rows["train"]})
+        random.Random(opts.seed).shuffle(videos)
+        held = set(videos[: max(1, round(opts.val_share * len(videos)))]) if len(videos) > 1 else set()
+        rows["val"] = [r for r in rows["train"] if r["video"] in held]
+        rows["train"] = [r for r in rows["train"] if r["video"] not in held]
+    if not rows["val"] or not (rows["train"] or opts.eval_only):
+        raise BadInput(f"{opts.data or opts.val_data}: need clips both to train on and to hold out (got "
+                       f"{len(rows['train'])} and {len(rows['val'])}); --eval-only needs only --val-data")
+    return rows
 
-    def __init__(self, rows, frames, size, train):
-        self.rows, self.frames, self.size, self.train = rows, frames, size, train
+
+def texts_of(rows):
+    """Every text a word-level vocabulary must know: captions, options, questions (synthetic: the grammars')."""
+    if rows is None:
+        return [caption_text(i) for i in range(len(CAPTIONS))] + list(QUESTIONS.values())
+    return [t for r in rows["train"] + rows["val"] for t in [r.get("caption"), r.get("question"), *r.get("options", [])] if t]
+
+
+# --- dataset, sampler, data source
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Item (index, seed): that row's clip as uint8 and the row's index. Training: when the row's file cannot be
+    loaded, the next row's (up to 20 tries); evaluation: None. The failures ride along to the main process, which
+    reports and counts them (nothing raises in a worker)."""
+
+    def __init__(self, rows, frames, size, train, preprocess):
+        self.rows, self.frames, self.size, self.train, self.preprocess = rows, frames, size, train, preprocess
 
     def __len__(self):
         return len(self.rows)
@@ -343,25 +1524,26 @@ class ClipDataset(torch.utils.data.Dataset):
     def __getitem__(self, item):
         index, seed = item
         failures = []
-        for i in range(index, index + 20):
+        for i in range(index, index + (20 if self.train else 1)):
             row = self.rows[i % len(self.rows)]
             try:
-                clip = load_clip(row["video"], self.frames, self.size, self.train, row["start"], row["end"],
-                                 torch.Generator().manual_seed(seed))
-                return clip, row["caption"], failures
+                clip = read_clip(row["video"], self.frames, self.size, self.train, row["start"], row["end"],
+                                 torch.Generator().manual_seed(seed), self.preprocess)
+                return clip, i % len(self.rows), failures
             except ClipError as e:
                 failures.append((row["video"], str(e)))
-        raise RuntimeError("20 rows in a row failed to load:\n" + "\n".join(msg for _, msg in failures))
+        return None, index, failures
 
 
 def collate(items):
-    clips, captions, failures = zip(*items)
-    return torch.stack(clips), list(captions), [f for fs in failures for f in fs]
+    clips, rows, failures = zip(*items)
+    failures = [f for fs in failures for f in fs]
+    return (None if any(c is None for c in clips) else torch.stack(clips)), list(rows), failures
 
 
 class StepBatches:
-    """Index lists for steps start..steps-1: epochs of seeded permutations, each step's global batch split among
-    the processes (a distributed sampler); the same in every run, so --resume continues the same order."""
+    """Index lists for steps start..steps-1: epochs of seeded permutations; process r of w takes samples r, r + w, ...
+    of each step's global batch (a distributed sampler). The same in every run, so --resume continues the order."""
 
     def __init__(self, n, batch, seed, rank, world, start, steps):
         self.n, self.batch, self.seed, self.rank, self.world, self.start, self.steps = n, batch, seed, rank, world, start, steps
@@ -377,161 +1559,8 @@ class StepBatches:
         return int(self.order[i]), self.seed * 1_000_003 + p
 
     def __iter__(self):
-        per = self.batch // self.world
         for step in range(self.start, self.steps):
-            first = step * self.batch + self.rank * per
-            yield [self.position(p) for p in range(first, first + per)]
-
-
-# -----------------------------------------------------------------------------
-# Tokenizer: a word-level one for the synthetic grammar, or BERT's WordPiece from a vocab.txt
-
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-def make_tokenizer(vocab_file, captions):
-    """BERT's WordPiece from a vocab.txt, or else a word-level vocabulary of the captions, with BERT's special tokens."""
-    if vocab_file:
-        vocab = {w: i for i, w in enumerate(Path(vocab_file).read_text(encoding="utf-8").splitlines())}
-        missing = [s for s in SPECIALS if s not in vocab]
-        if missing:
-            raise ValueError(f"{vocab_file} lacks the special tokens {missing}: is it a BERT vocab.txt?")
-        tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    else:
-        normalizer, split = normalizers.Lowercase(), pre_tokenizers.Whitespace()
-        words = {w for c in captions for w, _ in split.pre_tokenize_str(normalizer.normalize_str(c))}
-        vocab = {w: i for i, w in enumerate(SPECIALS + sorted(words))}
-        tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-        tok.normalizer, tok.pre_tokenizer = normalizer, split
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[(s, vocab[s]) for s in ("[CLS]", "[SEP]")])
-    return tok
-
-
-class Text:
-    """Tokenizes captions to (ids, mask) of the batch's longest caption, at most max_len tokens."""
-
-    def __init__(self, tokenizer, max_len):
-        self.tok, self.max_len = tokenizer, max_len
-        self.tok.enable_truncation(max_len)
-        self.tok.enable_padding(pad_id=tokenizer.token_to_id("[PAD]"), pad_token="[PAD]")
-        self.mask_id = tokenizer.token_to_id("[MASK]")
-        self.special_ids = tuple(tokenizer.token_to_id(s) for s in ("[PAD]", "[CLS]", "[SEP]"))
-
-    def __call__(self, captions, device="cpu"):
-        enc = self.tok.encode_batch(list(captions))
-        ids = torch.tensor([e.ids for e in enc], device=device)
-        return ids, torch.tensor([e.attention_mask for e in enc], device=device)
-
-
-# -----------------------------------------------------------------------------
-# One training step's losses, as one module so that DistributedDataParallel sees a single forward call
-
-
-def gather(x):
-    """All processes' rows, with gradients flowing back to each process's own (identity without torchrun)."""
-    return torch.cat(torch.distributed.nn.functional.all_gather(x)) if dist.is_initialized() else x
-
-
-class Objective(nn.Module):
-    def __init__(self, model, temperature):
-        super().__init__()
-        self.model, self.temperature = model, temperature
-
-    def forward(self, batch):
-        m, out = self.model, {}
-        # VTM: a joint pass over matched and mismatched pairs, with the VTM head on the pooled text [CLS]
-        k = len(batch["vtm_ids"])  # the first k clips
-        logits = m.vtm_head(m(batch["video"][:k], batch["vtm_ids"], batch["vtm_mask"]).pooled)
-        out["vtm"] = vtm_loss(logits, batch["vtm_labels"])
-        out["vtm_acc"] = (logits.argmax(-1) == batch["vtm_labels"]).float().mean().detach()
-        # MLM: a separate joint pass with masked captions, as in the official code (masking only in matched VTM
-        # pairs would leak the label: "has a [MASK]" would mean "matches")
-        if "mlm_ids" in batch:
-            k = len(batch["mlm_ids"])
-            out["mlm"] = mlm_loss(m.mlm_head(m(batch["video"][:k], batch["mlm_ids"], batch["mlm_mask"]).text),
-                                  batch["mlm_labels"])
-        # Contrastive (unimodal passes): the video alone against the texts alone
-        video = m.video_proj(m.encode_video(batch["video"]).video[:, 0])  # (b, contrastive_dim)
-        text = m.text_proj(m.encode_text(batch["text_ids"], batch["text_mask"]).text[:, 0])
-        if "bank_targets" in batch:  # text holds every caption there is: each clip must pick its own among all
-            out["bank"] = F.cross_entropy(cosine_similarity(video, text) / self.temperature, batch["bank_targets"])
-            text = text[batch["bank_targets"]]
-        out["itc"] = contrastive_loss(gather(text), gather(video), self.temperature)
-        out["loss"] = sum(value for name, value in out.items() if not name.endswith("_acc"))
-        return out
-
-
-# -----------------------------------------------------------------------------
-# Data sources: each yields training batches (as dicts of tensors) and a held-out set
-
-
-def step_generator(seed, step, rank):
-    return torch.Generator().manual_seed(hash((seed, step, rank)) % 2**62)
-
-
-def add_mlm(batch, ids, mask, text, vocab_size, g):
-    """The MLM pass's inputs: the first clips' own captions, BERT-masked."""
-    if len(ids):
-        masked, labels = mlm_mask(ids.cpu(), mask.cpu(), vocab_size, mask_id=text.mask_id, special_ids=text.special_ids,
-                                  generator=g)
-        batch.update(mlm_ids=masked.to(ids.device), mlm_mask=mask, mlm_labels=labels.to(ids.device))
-    return batch
-
-
-class Synthetic:
-    """Synthetic clips rendered on the fly: batch k of process r is the same in every run."""
-
-    def __init__(self, cfg, text, opts, device, rank=0, world=1):
-        self.cfg, self.text, self.opts, self.device, self.rank, self.world = cfg, text, opts, device, rank, world
-        self.bank_ids, self.bank_mask = text([caption_text(i) for i in range(len(CAPTIONS))], device)
-        self.time_variants = torch.tensor([time_variants(i) for i in range(len(CAPTIONS))])  # (72, 6)
-        self.looks_variants = torch.tensor([looks_variants(i) for i in range(len(CAPTIONS))])  # (72, 5)
-        self.skipped = None
-
-    def batch(self, step):
-        o, g = self.opts, step_generator(self.opts.seed, step, self.rank)
-        b = o.batch // self.world
-        captions = torch.randint(len(CAPTIONS), (b,), generator=g)
-        video = render(captions.tolist(), self.cfg.frames, self.cfg.image_size, g).to(self.device)
-        # VTM pairs: half keep their caption; a mismatched one gets, during the curriculum, mostly a caption that
-        # differs only in the time words (only the order of the frames tells them apart); otherwise, as often, one
-        # that differs only in the colour or only in the shape, or any other caption
-        k, own = o.vtm_clips // self.world, captions[: o.vtm_clips // self.world]  # the VTM pass takes the first k clips
-        labels = (torch.randperm(k, generator=g) < k // 2).long()  # 1: matched
-        share = o.temporal_negatives * (1 if step < o.curriculum * o.horizon else 0.5)
-        pick = torch.randint(1, 6, (k,), generator=g)  # one of the 5 other time variants
-        time_wrong = self.time_variants[own, pick]
-        pick = torch.randint(0, 5, (k,), generator=g)  # one of the 5 looks variants
-        looks_wrong = self.looks_variants[own, pick]
-        other = (own + torch.randint(1, len(CAPTIONS), (k,), generator=g)) % len(CAPTIONS)
-        other = torch.where(torch.rand(k, generator=g) < 0.5, looks_wrong, other)
-        vtm = torch.where(labels.bool(), own, torch.where(torch.rand(k, generator=g) < share, time_wrong, other))
-        captions, vtm = captions.to(self.device), vtm.to(self.device)
-        # contrastive: the text side is the whole caption bank; each clip's target is its caption
-        batch = dict(video=video, vtm_ids=self.bank_ids[vtm], vtm_mask=self.bank_mask[vtm], vtm_labels=labels.to(self.device),
-                     text_ids=self.bank_ids, text_mask=self.bank_mask, bank_targets=captions)
-        k = o.mlm_clips // self.world
-        return add_mlm(batch, self.bank_ids[captions[:k]], self.bank_mask[captions[:k]], self.text, self.cfg.vocab_size, g)
-
-    def batches(self, start):
-        for step in range(start, self.opts.steps):
-            yield self.batch(step)
-
-    def held_out(self):
-        g = torch.Generator().manual_seed(10_000_019 + self.opts.seed)  # a seed no training batch uses
-        captions = torch.randint(len(CAPTIONS), (self.opts.eval_clips,), generator=g)
-        options = self.time_variants[captions]  # (n, 6)
-        return dict(video=render(captions.tolist(), self.cfg.frames, self.cfg.image_size, g),
-                    ids=self.bank_ids[captions].cpu(), mask=self.bank_mask[captions].cpu(), label=captions,
-                    options_ids=self.bank_ids[options].cpu(), options_mask=self.bank_mask[options].cpu())
-
-    def samples(self, k):
-        g = torch.Generator().manual_seed(self.opts.seed)
-        captions = torch.randint(len(CAPTIONS), (k,), generator=g)
-        return render(captions.tolist(), self.cfg.frames, self.cfg.image_size, g), [caption_text(int(c)) for c in captions]
+            yield [self.position(p) for p in range(step * self.batch + self.rank, (step + 1) * self.batch, self.world)]
 
 
 class Skipped:
@@ -548,364 +1577,131 @@ class Skipped:
         self.count += len(failures)
         self.total += len(failures) + loaded
         if self.total >= 20 and self.count > self.max_share * self.total:
-            examples = "\n  ".join(list(self.files.values())[:5])
-            raise RuntimeError(f"{self.count} of {self.total} clips failed to load, more than --max-bad-share "
-                               f"{self.max_share}; for example:\n  {examples}")
+            self.stop(f"{self.count} of {self.total} clips failed to load, more than --max-bad-share {self.max_share}")
+
+    def stop(self, why):
+        examples = "\n  ".join(list(self.files.values())[:5])
+        raise BadInput(f"{why}; {len(self.files)} files in all, for example:\n  {examples}")
 
 
 class Clips:
-    """Your clips (--data): decoded with PyAV in DataLoader workers; a file that fails is skipped and counted."""
+    """Your clips: decoded with PyAV in DataLoader workers; a file that fails is skipped, named once and counted."""
 
-    def __init__(self, rows, cfg, text, opts, device, rank=0, world=1):  # rows: read_rows(opts.data)
-        self.cfg, self.text, self.opts, self.device, self.rank, self.world = cfg, text, opts, device, rank, world
-        if opts.val_data:
-            val = read_rows(opts.val_data, opts.video_root)
-        else:  # hold out whole videos, so that no video is in both
-            videos = sorted({r["video"] for r in rows})
-            random.Random(opts.seed).shuffle(videos)
-            held = set(videos[: max(1, round(opts.val_share * len(videos)))]) if len(videos) > 1 else set()
-            rows, val = [r for r in rows if r["video"] not in held], [r for r in rows if r["video"] in held]
-        if not rows or not val:
-            raise ValueError(f"{opts.data}: need clips both to train on and to hold out (got {len(rows)} and {len(val)})")
-        self.rows, self.val = rows, val[: opts.eval_clips]
-        self.truncated = sum(bool(e.overflowing) for e in text.tok.encode_batch([r["caption"] for r in rows]))
+    def __init__(self, rows, cfg, text, opts, preprocess, answers, device, rank=0, world=1):  # rows: read_data(opts)
+        self.cfg, self.text, self.opts, self.preprocess, self.device = cfg, text, opts, preprocess, device
+        self.rank, self.world, self.kind = rank, world, rows["kind"]
+        self.answers = {a: i for i, a in enumerate(answers)}
+        self.rows, self.val = rows["train"], rows["val"]
+        if opts.task == "qa":  # train only on answers in the vocabulary (--answers N)
+            self.rows = [r for r in self.rows if r["answer"] in self.answers]
+        self.truncated = sum(bool(e.overflowing) for e in text.tok.encode_batch(
+            [t for r in self.rows for t in [r.get("caption"), r.get("question"), *r.get("options", [])] if t]))
         self.skipped = Skipped(opts.max_bad_share, loud=rank == 0)
         if rank == 0:
-            print(f"{opts.data}: {len(rows)} training and {len(val)} held-out rows ({len(self.val)} evaluated); "
-                  f"{self.truncated} captions longer than {cfg.max_text_len} tokens are truncated")
+            print(f"{opts.data or opts.val_data}: {len(self.rows)} training and {len(self.val)} held-out rows; "
+                  f"{self.truncated} texts longer than {cfg.max_text_len} tokens are truncated"
+                  + (f"; {len(rows['train']) - len(self.rows)} training rows' answers are outside the "
+                     f"{len(answers)}-answer vocabulary and left out" if opts.task == "qa" else ""))
 
     def loader(self, rows, train, sampler):
         return torch.utils.data.DataLoader(
-            ClipDataset(rows, self.cfg.frames, self.cfg.image_size, train), batch_sampler=sampler, collate_fn=collate,
-            num_workers=self.opts.workers, pin_memory=self.device.type == "cuda")
+            ClipDataset(rows, self.cfg.frames, self.cfg.image_size, train, self.preprocess), batch_sampler=sampler,
+            collate_fn=collate, num_workers=self.opts.workers, pin_memory=self.device.type == "cuda")
 
     def batches(self, start):
-        o = self.opts
+        o, dev = self.opts, self.device
         sampler = StepBatches(len(self.rows), o.batch, o.seed, self.rank, self.world, start, o.steps)
-        for step, (video, captions, failures) in enumerate(self.loader(self.rows, True, sampler), start):
+        for step, (video, index, failures) in enumerate(self.loader(self.rows, True, sampler), start):
+            if video is None:
+                self.skipped.add(failures, 0)
+                self.skipped.stop("20 rows in a row failed to load")
             self.skipped.add(failures, len(video))
-            g = step_generator(o.seed, step, self.rank)
-            ids, mask = self.text(captions, self.device)
-            other, labels = vtm_batch(torch.arange(o.vtm_clips // self.world), generator=g)  # half: another's caption
-            batch = dict(video=video.to(self.device, non_blocking=True), vtm_ids=ids[other.to(self.device)],
-                         vtm_mask=mask[other.to(self.device)], vtm_labels=labels.to(self.device), text_ids=ids, text_mask=mask)
-            k = o.mlm_clips // self.world
-            yield add_mlm(batch, ids[:k], mask[:k], self.text, self.cfg.vocab_size, g)
+            rows = [self.rows[i] for i in index]
+            batch = dict(video=normalize(video.to(dev, non_blocking=True), self.preprocess))
+            g = torch.Generator().manual_seed(hash((o.seed, step, self.rank)) % 2**62)
+            if o.task == "pretrain":
+                ids, mask = self.text([r["caption"] for r in rows], dev)
+                other, labels = vtm_batch(torch.arange(o.vtm_clips // self.world), generator=g)  # half: another's caption
+                batch.update(vtm_ids=ids[other.to(dev)], vtm_mask=mask[other.to(dev)], vtm_labels=labels.to(dev),
+                             text_ids=ids, text_mask=mask)
+                k = o.mlm_clips // self.world
+                if k:
+                    masked, labels = self.text.mask_words(ids[:k].cpu(), mask[:k].cpu(), self.cfg.vocab_size, g)
+                    batch.update(mlm_ids=masked.to(dev), mlm_mask=mask[:k], mlm_labels=labels.to(dev))
+            elif o.task == "mc":
+                ids, mask = self.text([t for r in rows for t in r["options"]], dev)
+                batch.update(options_ids=ids.view(len(rows), -1, ids.shape[1]), options_mask=mask.view(len(rows), -1, ids.shape[1]),
+                             answer=torch.tensor([r["answer"] for r in rows], device=dev))
+            else:
+                ids, mask = self.text([r["question"] for r in rows], dev)
+                batch.update(question_ids=ids, question_mask=mask,
+                             answer=torch.tensor([self.answers[r["answer"]] for r in rows], device=dev))
+            yield batch
 
     def held_out(self):
-        sampler = [[(i, 0)] for i in range(len(self.val))]
-        video, captions = [], []
-        for v, c, failures in self.loader(self.val, False, sampler):
-            if not failures:  # a failed row is replaced by the next one: keep the held-out set free of repeats
-                video.append(v)
-                captions += c
-            self.skipped.add(failures, len(v))
-        names = {c: i for i, c in enumerate(sorted(set(captions)))}
-        ids, mask = self.text(captions)
-        return dict(video=torch.cat(video), ids=ids, mask=mask, label=torch.tensor([names[c] for c in captions]))
+        """The held-out rows grouped into clips (same video, start and end), each decoded once and kept as uint8."""
+        clips = {}
+        for r in self.val:
+            key = (r["video"], r["start"], r["end"])
+            if key in clips or len(clips) < self.opts.eval_clips:
+                clips.setdefault(key, []).append(r)
+        keys, videos, rows = list(clips), [], []
+        meter = Progress("decoding held-out clips", len(keys), self.rank == 0)
+        for video, index, failures in self.loader([clips[k][0] for k in keys], False, [[(i, 0)] for i in range(len(keys))]):
+            self.skipped.add(failures, 0 if video is None else len(video))
+            if video is not None:
+                videos.append(video)
+                rows.append(clips[keys[index[0]]])
+            meter(1)
+        if not videos:
+            self.skipped.stop("no held-out clip could be loaded")
+        held, n = dict(video=torch.cat(videos)), len(videos)
+        clip = torch.tensor([c for c, rs in enumerate(rows) for _ in rs])  # the clip of each row
+        flat = [r for rs in rows for r in rs]
+        if self.kind == "captions":  # a caption's hit is its own clip; a clip's, any of its captions
+            captions = [r["caption"] for r in flat]
+            texts = {t: i for i, t in enumerate(dict.fromkeys(captions))}
+            ids, mask = self.text(captions)
+            first = torch.tensor([0] + [len(rs) for rs in rows[:-1]]).cumsum(0)
+            held["captions"] = dict(ids=ids, mask=mask, clip=clip, first=first, label=clip, clip_label=torch.arange(n),
+                                    text=torch.tensor([texts[t] for t in captions]))
+        elif self.kind == "mc":
+            ids, mask = self.text([t for r in flat for t in r["options"]])
+            k = len(flat[0]["options"])
+            if any(len(r["options"]) != k for r in flat):
+                raise BadInput(f"{self.opts.val_data}: every row needs the same number of options ({k})")
+            held["mc"] = {"mc_acc": dict(ids=ids.view(len(flat), k, -1), mask=mask.view(len(flat), k, -1), clip=clip,
+                                         answer=torch.tensor([r["answer"] for r in flat]))}
+        else:
+            ids, mask = self.text([r["question"] for r in flat])
+            types = sorted({r["type"] for r in flat if r["type"]})
+            held["qa"] = dict(ids=ids, mask=mask, clip=clip, types=types,
+                              answer=torch.tensor([self.answers.get(r["answer"], -1) for r in flat]),
+                              type=torch.tensor([types.index(r["type"]) if r["type"] else -1 for r in flat]))
+        if self.rank == 0:
+            print(f"held out: {n} clips, {len(flat)} rows")
+        return held
 
     def samples(self, k):
-        video, captions, _ = collate([ClipDataset(self.rows, self.cfg.frames, self.cfg.image_size, False)[(i, 0)]
-                                      for i in range(min(k, len(self.rows)))])
-        return video, captions
+        video, _, _ = collate([ClipDataset(self.rows, self.cfg.frames, self.cfg.image_size, False, "ours")[(i, 0)]
+                               for i in range(min(k, len(self.rows)))])
+        return video.float() / 255, [r.get("caption") or r.get("question") or "" for r in self.rows[:k]]
 
 
 # -----------------------------------------------------------------------------
-# Evaluation on the held-out set
 
 
-def recall_at_k(sim, query_labels, item_labels, k):
-    """Share of queries (rows of sim) whose k most similar items include one with the query's label."""
-    top = sim.topk(min(k, sim.shape[1]), dim=1).indices  # (q, k)
-    return (item_labels[top] == query_labels[:, None]).any(1).float().mean().item()
-
-
-def multiple_choice_acc(scores, answer):
-    """Share of rows whose highest score is at the answer's column."""
-    return (scores.argmax(1) == answer).float().mean().item()
-
-
-@torch.no_grad()
-def evaluate(model, held, text, autocast, chunk=256):
-    """Held-out metrics (README: "What the metrics mean"). Retrieval is dual-stream: the contrastive features of the
-    text-only and video-only passes, over the whole held-out set; a hit is a clip whose caption equals the query's,
-    every word included (so, for synthetic clips, the time word too)."""
-    model.eval()
-    dev = next(model.parameters()).device
-    video, ids, mask, label = held["video"], held["ids"], held["mask"], held["label"]
-    n = len(label)
-
-    def chunked(fn, *tensors):
-        out = []
-        for s in range(0, n, chunk):
-            with autocast:
-                out.append(fn(*(x[s: s + chunk].to(dev) for x in tensors)))
-        return torch.cat(out)
-
-    def vtm_logits(ids, mask):  # clip i with caption ids[i]
-        return chunked(lambda v, i, m: model.vtm_head(model(v, i, m).pooled).float(), video, ids, mask)
-
-    # VTM: every clip with its own caption, and with a different caption of another held-out clip
-    g = torch.Generator().manual_seed(1)
-    other = (torch.arange(n) + torch.randint(1, n, (n,), generator=g)) % n
-    for _ in range(20):  # until each other caption differs (a few tries settle it)
-        same = label[other] == label
-        other[same] = (other[same] + torch.randint(1, n, (int(same.sum()),), generator=g)) % n
-    matched = vtm_logits(ids, mask).argmax(-1) == 1
-    metrics = dict(vtm_acc=(matched.float().mean() + (vtm_logits(ids[other], mask[other]).argmax(-1) == 0).float().mean()).item() / 2)
-    if "options_ids" in held:  # synthetic: each caption's time variants, own first, time-swapped second
-        options = torch.stack([vtm_logits(held["options_ids"][:, j], held["options_mask"][:, j])
-                               for j in range(held["options_ids"].shape[1])], 1)  # (n, 6, 2)
-        metrics["vtm_acc_temporal"] = (matched.float().mean() + (options[:, 1].argmax(-1) == 0).float().mean()).item() / 2
-        metrics["mc_acc"] = multiple_choice_acc(options[..., 1] - options[..., 0], torch.zeros(n, dtype=torch.long, device=dev))
-    # MLM: BERT masking of the held-out captions (a fixed seed), accuracy at the masked positions
-    masked, labels = mlm_mask(ids, mask, model.cfg.vocab_size, mask_id=text.mask_id, special_ids=text.special_ids,
-                              generator=torch.Generator().manual_seed(2))
-    pred = chunked(lambda v, i, m: model.mlm_head(model(v, i, m).text).argmax(-1), video, masked, mask).cpu()
-    metrics["mlm_acc"] = (pred == labels)[labels != -100].float().mean().item()
-    # retrieval
-    t = chunked(lambda i, m: model.text_proj(model.encode_text(i, m).text[:, 0]).float(), ids, mask)
-    v = chunked(lambda v: model.video_proj(model.encode_video(v).video[:, 0]).float(), video)
-    sim = cosine_similarity(t, v)  # (n captions, n clips)
-    label = label.to(dev)
-    metrics.update(t2v_r1=recall_at_k(sim, label, label, 1), t2v_r5=recall_at_k(sim, label, label, 5),
-                   v2t_r1=recall_at_k(sim.T, label, label, 1))
-    model.train()
-    return metrics
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints that lose nothing
-
-
-def save_atomic(obj, path):
-    """Write to a temporary file beside path, then rename: a crash mid-write leaves the previous file intact."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+def main(argv=None):
+    opts = parse_options(argv)
+    warnings.filterwarnings("once")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        ablation(opts) if opts.ablation else train(opts)
+    except BadInput as e:
+        sys.exit(f"error: {e}")
     finally:
-        tmp.unlink(missing_ok=True)
-
-
-def rng_state():
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# -----------------------------------------------------------------------------
-# Setup
-
-
-def pick_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if dist.is_initialized() and name == "cuda":
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return torch.device(name)
-
-
-def mixed_precision(device):
-    """bf16 autocast where the device has it, fp16 with a loss scaler otherwise, full precision on the CPU."""
-    if device.type == "cpu":
-        return torch.autocast("cpu", enabled=False), None
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    dtype = torch.bfloat16 if bf16 else torch.float16
-    return torch.autocast(device.type, dtype=dtype), None if bf16 else torch.amp.GradScaler(device.type)
-
-
-def lr_at(step, o):
-    if step < o.warmup:
-        return o.lr * (step + 1) / o.warmup
-    progress = min(1.0, (step - o.warmup) / max(1, o.horizon - o.warmup))
-    return o.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def flop_counter():
-    """torch's FLOP counter, taught the CPU attention kernels it does not count by itself (torch 2.13)."""
-    aten = torch.ops.aten
-    return FlopCounterMode(display=False, custom_mapping={
-        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
-        aten._scaled_dot_product_flash_attention_for_cpu_backward:
-            lambda g, q, k, v, *_, **__: sdpa_backward_flop_count(g, q, k, v),
-    })
-
-
-def write_samples(path, video, captions):
-    """A PNG strip, one clip per row, frames left to right, written with PyAV."""
-    video = F.pad(video, (0, 1), value=1.0)  # a white line after each frame
-    img = ((rearrange(video, "k t c h w -> (k h) (t w) c") + 1) * 127.5).clamp(0, 255).byte()
-    img = img.repeat_interleave(4, 0).repeat_interleave(4, 1).numpy()  # 4x larger, so the pixels show
-    with av.open(str(path), "w", format="image2") as out:
-        stream = out.add_stream("png")
-        stream.width, stream.height, stream.pix_fmt = img.shape[1], img.shape[0], "rgb24"
-        for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-            out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    Path(path).with_suffix(".txt").write_text("\n".join(captions) + "\n")
-
-
-# -----------------------------------------------------------------------------
-# Training
-
-
-def train(opts):
-    distributed = "RANK" in os.environ  # started by torchrun
-    if distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() and opts.device in ("auto", "cuda") else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    main = rank == 0
-    if opts.batch % world or opts.vtm_clips % world or opts.mlm_clips % world:
-        raise ValueError(f"--batch, --vtm-clips and --mlm-clips must divide among the {world} processes")
-    device = pick_device(opts.device)
-    autocast, scaler = mixed_precision(device)
-    out_dir, ckpt = Path(opts.out), None
-    ckpt_path = out_dir / "ckpt.pt"
-    torch.manual_seed(opts.seed)
-
-    # model and tokenizer: from the checkpoint to resume, from an official checkpoint, or new
-    rows = read_rows(opts.data, opts.video_root) if opts.data else None
-    if opts.resume:
-        if not ckpt_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        tokenizer, cfg = Tokenizer.from_str(ckpt["tokenizer"]), Config(**ckpt["config"])
-    else:
-        captions = [r["caption"] for r in rows] if rows else [caption_text(i) for i in range(len(CAPTIONS))]
-        tokenizer = make_tokenizer(opts.vocab, captions)
-        cfg = Config.preset(opts.preset, vocab_size=tokenizer.get_vocab_size())
-    # video_only_temporal: the video-only pass models time too, so the contrastive losses can learn it (README)
-    cfg = dataclasses.replace(cfg, temporal=opts.temporal, fold_div=opts.fold_div, video_only_temporal=True,
-                              dropout=opts.dropout)
-    if opts.init and not opts.resume:
-        model = AllInOne.from_official(opts.init, temporal=opts.temporal, fold_div=opts.fold_div, video_only_temporal=True,
-                                       dropout=opts.dropout)
-        cfg = model.cfg
-        if cfg.vocab_size != tokenizer.get_vocab_size():
-            raise ValueError(f"{opts.init} has a {cfg.vocab_size}-word vocabulary, {opts.vocab} {tokenizer.get_vocab_size()}")
-    else:
-        model = AllInOne(cfg)
-    text = Text(tokenizer, cfg.max_text_len)
-    data = Clips(rows, cfg, text, opts, device, rank, world) if rows else Synthetic(cfg, text, opts, device, rank, world)
-    if opts.samples:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_samples(out_dir / "samples.png", *data.samples(opts.samples))
-        print(f"wrote {out_dir / 'samples.png'} and {out_dir / 'samples.txt'}")
-        return None
-
-    model.to(device).train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay}, {"params": no_decay, "weight_decay": 0}],
-                            lr=opts.lr, betas=(0.9, 0.98), fused=device.type in ("cuda", "cpu"))
-    step = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        set_rng_state(ckpt["rng"])
-    objective = Objective(model, opts.temperature)
-    if distributed:
-        objective = nn.parallel.DistributedDataParallel(objective, find_unused_parameters=opts.mlm_clips == 0)
-    step_fn = torch.compile(objective) if opts.compile else objective
-    held = data.held_out() if main else None
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        print(f"All-in-One, temporal {opts.temporal}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-              f"{cfg.frames} frames of {cfg.image_size} px; {device}, {world} process(es), batch {opts.batch}"
-              + (f"; resumed from {ckpt_path} at step {step}" if ckpt else ""))
-
-    def checkpoint():
-        if main:
-            save_atomic(dict(model=model.state_dict(), config=dataclasses.asdict(cfg), options=dataclasses.asdict(opts),
-                             tokenizer=tokenizer.to_str(), optimizer=opt.state_dict(), step=step, rng=rng_state()),
-                        ckpt_path)
-
-    start, t0, last, flops, counter = step, time.time(), None, None, flop_counter()
-    totals, logged = {}, 0
-    try:
-        for batch in data.batches(step):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, opts)
-            with counter if flops is None else contextlib.nullcontext():  # FLOPs of the first step, eager
-                with autocast:
-                    out = (objective if flops is None else step_fn)(batch)
-                (scaler.scale(out["loss"]) if scaler else out["loss"]).backward()
-            if flops is None:
-                flops = counter.get_total_flops() / len(batch["video"])
-            if scaler:
-                scaler.unscale_(opt)
-            nn.utils.clip_grad_norm_(model.parameters(), opts.clip_grad)
-            scaler.step(opt) if scaler else opt.step()
-            if scaler:
-                scaler.update()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            logged += 1
-            for k, v in out.items():
-                totals[k] = totals.get(k, 0.0) + v.item()
-            if main and (step % opts.log_every == 0 or step == opts.steps):
-                rate = (step - start) * opts.batch / (time.time() - t0)
-                mean = {k: v / logged for k, v in totals.items()}
-                parts = " ".join(f"{k} {v:.3f}" for k, v in mean.items() if k != "loss")
-                bad = f" | skipped {data.skipped.count} clips" if data.skipped else ""
-                print(f"step {step:5d}/{opts.steps} | loss {mean['loss']:.3f} ({parts}) | lr {lr_at(step - 1, opts):.1e} "
-                      f"| {rate:.0f} clips/s | ETA {(opts.steps - step) * opts.batch / rate / 60:.1f} min{bad}", flush=True)
-                totals, logged = {}, 0
-            if main and (step % opts.eval_every == 0 or step == opts.steps):
-                wall = time.time() - t0
-                last = dict(step=step, **evaluate(model, held, text, autocast), clips_per_s=(step - start) * opts.batch / wall,
-                            wall_s=wall, flops_per_clip=flops, temporal=opts.temporal)
-                if data.skipped:
-                    last.update(skipped_clips=data.skipped.count, truncated_captions=data.truncated)
-                with open(out_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(last) + "\n")
-                print("eval " + " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items()),
-                      flush=True)
-            if step % opts.ckpt_every == 0 or step == opts.steps:
-                checkpoint()
-    except KeyboardInterrupt:
-        checkpoint()
-        if main:
-            print(f"\ninterrupted at step {step}: saved {ckpt_path}; --resume continues")
-        raise SystemExit(130)
-    if main:
-        print(f"done: {step - start} steps in {(time.time() - t0) / 60:.1f} min; {ckpt_path}")
-    return last
-
-
-def ablation(opts):
-    rows = []
-    for mode in ("roll", "none", "flatten"):
-        print(f"\n=== --temporal {mode} ===")
-        rows.append(train(dataclasses.replace(opts, temporal=mode, out=str(Path(opts.out) / mode))))
-    keys = ["vtm_acc", "vtm_acc_temporal", "mc_acc", "mlm_acc", "t2v_r1", "t2v_r5", "v2t_r1", "clips_per_s",
-            "flops_per_clip", "wall_s"]
-    print(f"\n{'temporal':10}" + "".join(f"{k:>17}" for k in keys))
-    for r in rows:
-        print(f"{r['temporal']:10}" + "".join(f"{r[k] / 1e6:>13.1f} MFL" if k == "flops_per_clip" else f"{r[k]:17.3f}"
-                                              for k in keys))
-    return rows
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    options = parse_options()
-    warnings.filterwarnings("once")
-    ablation(options) if options.ablation else train(options)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    main()

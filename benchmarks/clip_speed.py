@@ -82,11 +82,12 @@ def main():
     common = ["--batch", "16", "--vtm-clips", "8", "--mlm-clips", "4", "--steps", "8", "--log-every", "100",
               "--eval-clips", "2", "--device", "cpu"]
     print(f"\ntraining, nano preset (32 px, 4 frames), batch 16, 8 steps, {torch.get_num_threads()} torch threads")
-    synthetic = tt.train(tt.parse_options(common + ["--out", str(folder / "out-synthetic")]))["clips_per_s"]
+    synthetic = tt.train(tt.parse_options(common + ["--out", str(folder / "out-synthetic"), "--restart"]))["clips_per_s"]
     print(f"{'synthetic (no decoding)':>26}: {synthetic:6.1f} clips/s")
     for workers in (0, 1, 2):
         last = tt.train(tt.parse_options(common + ["--data", str(folder / "train.csv"), "--val-data", str(folder / "val.csv"),
-                                                   "--workers", str(workers), "--out", str(folder / f"out-{workers}")]))
+                                                   "--workers", str(workers), "--out", str(folder / f"out-{workers}"),
+                                                   "--restart"]))
         print(f"{f'real clips, {workers} workers':>26}: {last['clips_per_s']:6.1f} clips/s")
 
 
