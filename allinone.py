@@ -22,7 +22,7 @@ import pickle
 import warnings
 import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
@@ -360,8 +360,8 @@ class AllInOne(nn.Module):
 
     @torch.no_grad()
     def init_mc_head(self):
-        """Start the multiple-choice scorer as a copy of the VTM "match" row, as the official code starts its
-        rank_output: fine-tuning then starts from the zero-shot scores."""
+        """Start the multiple-choice scorer as a copy of the VTM "match" row (the official rank_output is one, read
+        from the checkpoint in its zero-shot evaluation): fine-tuning then starts from the zero-shot scores."""
         self.mc_head.weight.copy_(self.vtm_head.weight[1:])
         self.mc_head.bias.copy_(self.vtm_head.bias[1:])
 

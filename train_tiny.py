@@ -55,6 +55,11 @@ from allinone import (
 # -----------------------------------------------------------------------------
 # Options: every command-line flag comes from this dataclass
 
+
+class BadInput(ValueError):
+    """Bad input: the message names the flag, the file or the line; the command line prints it alone and exits 1."""
+
+
 TASKS = ("pretrain", "mc", "qa")
 TASK_DEFAULTS = {  # options whose default depends on --task: pre-training from scratch, or fine-tuning a start point
     "pretrain": dict(steps=1800, horizon=1800, batch=128, lr=2e-3, warmup=100, eval_every=600, ckpt_every=600),
@@ -308,10 +313,6 @@ def render(captions, frames, size, generator):
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-class BadInput(ValueError):
-    """Bad input from the user: the message names the flag, the file or the line. The command line prints it alone."""
-
-
 def make_tokenizer(vocab_file, texts):
     """BERT's WordPiece from a vocab.txt, or else a word-level vocabulary of the texts, with BERT's special tokens."""
     if vocab_file:
@@ -328,6 +329,13 @@ def make_tokenizer(vocab_file, texts):
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[(s, vocab[s]) for s in ("[CLS]", "[SEP]")])
     return tok
+
+
+def texts_of(rows):
+    """The texts of data-file rows: captions, options, questions; without rows, the synthetic grammars' texts."""
+    if rows is None:
+        return [caption_text(i) for i in range(len(CAPTIONS))] + list(QUESTIONS.values())
+    return [t for r in rows for t in [r.get("caption"), r.get("question"), *r.get("options", [])] if t]
 
 
 def read_vocab(path):
@@ -661,7 +669,10 @@ class Run:
         torch.manual_seed(opts.seed)
         start = read_start_point(opts)  # the checkpoint to resume or to fine-tune, if any
         rows = read_data(opts) if opts.data or opts.val_data else None
-        self.tokenizer = start["tokenizer"] if start.get("tokenizer") else make_tokenizer(opts.vocab, texts_of(rows))
+        if start.get("ours"):
+            self.tokenizer = start["tokenizer"]
+        else:
+            self.tokenizer = make_tokenizer(opts.vocab, texts_of(rows["train"] + rows["val"] if rows else None))
         self.answers = answer_vocabulary(opts, start, rows)
         self.model, self.untrained, opts = build_model(opts, start, self.tokenizer.get_vocab_size(), len(self.answers))
         self.opts, self.cfg, self.preprocess = opts, self.model.cfg, preprocess_for(opts, start)
@@ -961,7 +972,8 @@ class Progress:
     def __call__(self, n):
         self.done += n
         now = time.perf_counter()
-        if self.loud and now - self.last > self.every or self.done == self.total and now - self.start > self.every:
+        finished_late = self.done == self.total and now - self.start > self.every
+        if self.loud and (now - self.last > self.every or finished_late):
             rate = self.done / max(now - self.start, 1e-9)
             print(f"{self.what}: {self.done}/{self.total}, {rate:.1f}/s, {(self.total - self.done) / rate:.0f} s left",
                   flush=True)
@@ -972,8 +984,8 @@ class Progress:
 def evaluate(model, held, text, autocast, preprocess, untrained=(), chunk=256, progress=False):
     """Held-out metrics (README: What the metrics mean), and notes on the metrics left out and why. held: from
     Synthetic.held_out or Clips.held_out. Every accuracy and rank counts ties against the model."""
+    training, dev, untrained = model.training, next(model.parameters()).device, set(untrained)
     model.eval()
-    dev, untrained = next(model.parameters()).device, set(untrained)
     video = held["video"]  # (clips, t, 3, H, W) uint8
     metrics, notes = {"clips": len(video)}, []
 
@@ -998,14 +1010,13 @@ def evaluate(model, held, text, autocast, preprocess, untrained=(), chunk=256, p
         metrics["captions"] = len(c["ids"])
         clips, first = torch.arange(len(video)), c["first"]  # each clip with one of its captions
         ids, mask = c["ids"][first], c["mask"][first]
+        other = (c["label"][None] != c["clip_label"][:, None]) & (c["text"][None] != c["text"][first][:, None])
         if "vtm_head" in untrained:
             notes.append("vtm_acc left out: the VTM head was never trained")
-        elif len(video) < 2:
-            notes.append("vtm_acc left out: it needs two held-out clips (a caption of another clip)")
+        elif not other.any():
+            notes.append("vtm_acc left out: it needs a caption of another held-out clip, with another text")
         else:  # each clip with one of its captions, and with a caption of another clip that is a different text
-            g = torch.Generator().manual_seed(1)
-            other = (c["label"][None] != c["clip_label"][:, None]) & (c["text"][None] != c["text"][first][:, None])
-            lots = torch.rand(other.shape, generator=g).masked_fill(~other, -1)
+            lots = torch.rand(other.shape, generator=torch.Generator().manual_seed(1)).masked_fill(~other, -1)
             wrong, has = lots.argmax(1), other.any(1)
             matched = vtm_right(clips, ids, mask, 1)
             metrics["vtm_acc"] = (matched.float().mean() + vtm_right(clips[has], c["ids"][wrong[has]],
@@ -1059,7 +1070,7 @@ def evaluate(model, held, text, autocast, preprocess, untrained=(), chunk=256, p
                 if (q["type"] == i).any():
                     metrics[f"qa_acc_{kind}"] = right[q["type"] == i].float().mean().item()
             metrics["qa_unknown_answers"] = (q["answer"] < 0).float().mean().item()
-    model.train()
+    model.train(training)
     return metrics, notes
 
 
@@ -1500,13 +1511,6 @@ def read_data(opts):
     return rows
 
 
-def texts_of(rows):
-    """Every text a word-level vocabulary must know: captions, options, questions (synthetic: the grammars')."""
-    if rows is None:
-        return [caption_text(i) for i in range(len(CAPTIONS))] + list(QUESTIONS.values())
-    return [t for r in rows["train"] + rows["val"] for t in [r.get("caption"), r.get("question"), *r.get("options", [])] if t]
-
-
 # --- dataset, sampler, data source
 
 
@@ -1594,8 +1598,7 @@ class Clips:
         self.rows, self.val = rows["train"], rows["val"]
         if opts.task == "qa":  # train only on answers in the vocabulary (--answers N)
             self.rows = [r for r in self.rows if r["answer"] in self.answers]
-        self.truncated = sum(bool(e.overflowing) for e in text.tok.encode_batch(
-            [t for r in self.rows for t in [r.get("caption"), r.get("question"), *r.get("options", [])] if t]))
+        self.truncated = sum(bool(e.overflowing) for e in text.tok.encode_batch(texts_of(self.rows)))
         self.skipped = Skipped(opts.max_bad_share, loud=rank == 0)
         if rank == 0:
             print(f"{opts.data or opts.val_data}: {len(self.rows)} training and {len(self.val)} held-out rows; "
