@@ -411,7 +411,7 @@ class AllInOne(nn.Module):
                           f"{'cropped' if cfg.frames < ckpt_frames else 'zero-padded'}")
         model = cls(cfg)
         expected = model.state_dict()
-        missing = [k for k in expected if k not in state and not k.startswith(HEADS)]
+        missing = [k for k in expected if k not in state and k.split(".")[0] not in HEADS]
         if missing:
             raise ValueError(f"checkpoint lacks backbone weights: {', '.join(missing)}")
         extra = [names[k] for k in state if k not in expected]
@@ -519,7 +519,7 @@ SHAPE_KEYS = [  # what the config is read from
     "text_embed.word.weight", "text_embed.pos.weight", "video_embed.patch.weight", "video_embed.pos",
     "video_embed.temporal", "blocks.0.mlp.fc1.weight",
 ]
-HEADS = ("vtm_head.", "mlm_head.", "text_proj.", "video_proj.", "qa_head.", "mc_head.")  # may be absent: left fresh
+HEADS = ("vtm_head", "mlm_head", "text_proj", "video_proj", "qa_head", "mc_head")  # may be absent: left fresh
 OFFICIAL_HEADS = {192: 3, 384: 6, 768: 12}  # width -> heads of the official sizes (heads of 64)
 
 

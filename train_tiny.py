@@ -48,8 +48,8 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from allinone import (
-    PRESETS, AllInOne, Config, contrastive_loss, cosine_similarity, load_checkpoint, mlm_loss, mlm_mask, vtm_batch,
-    vtm_loss,
+    HEADS, PRESETS, AllInOne, Config, contrastive_loss, cosine_similarity, load_checkpoint, mlm_loss, mlm_mask,
+    vtm_batch, vtm_loss,
 )
 
 # -----------------------------------------------------------------------------
@@ -1077,9 +1077,6 @@ def evaluate(model, held, text, autocast, preprocess, untrained=(), chunk=256, p
 # -----------------------------------------------------------------------------
 # Start points and checkpoints: what a run starts from, what it saves, and the folder it owns
 
-HEADS = ("vtm_head", "mlm_head", "text_proj", "video_proj", "qa_head", "mc_head")
-
-
 def read_start_point(opts):
     """What the run starts from: {} from scratch; else the checkpoint (read without running code from it), and
     whether it is ours (a train_tiny.py ckpt.pt: config, tokenizer and heads come from it) and a run to resume."""
@@ -1146,7 +1143,7 @@ def build_model(opts, start, vocab_size, num_answers):
             saved = ckpt["config"] if start["ours"] else {}  # an official checkpoint: the official model's settings
             keep = {k: saved[k] for k in ("video_only_temporal", "video_pos_std", "video_time_std") if k in saved}
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the heads it lacks are listed below
+                warnings.simplefilter("ignore")  # the run says which heads it lacks (untrained)
                 model = AllInOne.from_official(
                     ckpt["model"] if start["ours"] else ckpt, frames=opts.frames or None,
                     heads=saved.get("heads") or opts.heads or None, temporal=opts.temporal or saved.get("temporal", "roll"),
