@@ -1194,8 +1194,8 @@ class RunFolder:
             tmp.unlink()
         o = self.opts
         held = [p for p in (self.path / "ckpt.pt", self.path / "metrics.jsonl") if p.exists()]
-        if o.eval_only and not o.resume:
-            held = held[:1]  # evaluations of other checkpoints may share a folder, not with a run
+        if o.eval_only and not o.resume:  # evaluations of other checkpoints may share a folder, not with a run
+            held = [p for p in held if p.name == "ckpt.pt"]
         if held and not o.resume:
             if not o.restart:
                 self.__exit__()
