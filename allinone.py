@@ -358,6 +358,14 @@ class AllInOne(nn.Module):
     def mc_score(self, pooled):  # (b, d) -> (b,): multiple-choice score: mc_head once fine-tuned, else the match logit
         return self.mc_head(pooled)[:, 0] if self.cfg.mc_head else self.match_score(pooled)
 
+    def score_options(self, video, option_ids, option_mask):
+        """Multiple choice: each clip with each of its k options in a joint pass, scored by mc_score, as the official
+        compute_multiple_choice. video (b, t, 3, H, W), option_ids and option_mask (b, k, l) -> scores (b, k)"""
+        k = option_ids.shape[1]
+        out = self(repeat(video, "b ... -> (b k) ...", k=k), rearrange(option_ids, "b k l -> (b k) l"),
+                   rearrange(option_mask, "b k l -> (b k) l"))
+        return rearrange(self.mc_score(out.pooled), "(b k) -> b k", k=k)
+
     @torch.no_grad()
     def init_mc_head(self):
         """Start the multiple-choice scorer as a copy of the VTM "match" row (the official rank_output is one, read
@@ -487,6 +495,33 @@ def contrastive_loss(text_emb, video_emb, temperature=0.05):
     logits = cosine_similarity(text_emb, video_emb) / temperature  # (b, b)
     target = torch.arange(len(logits), device=logits.device)
     return F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)
+
+
+# -----------------------------------------------------------------------------
+# Metrics (pure functions): every accuracy and rank counts ties against the model, so a model that scores everything
+# the same is never right, and a NaN score is wrong
+
+
+def strictly_best(scores, index):
+    """(n, k) scores, (n,) indices -> (n,) True where the index's score is above every other score of its row."""
+    own = scores.gather(1, index[:, None])[:, 0]
+    others = scores.scatter(1, index[:, None], -math.inf).max(1).values
+    return own > others
+
+
+def first_hit_ranks(sim, hits):
+    """(q, i) similarities and (q, i) bool hits -> (q,) rank of each query's best hit (1 = first). Every other item
+    that scores as high as the best hit ranks before it; a NaN scores lowest."""
+    sim = sim.float().nan_to_num(nan=-math.inf)
+    best = sim.masked_fill(~hits, -math.inf).amax(1, keepdim=True)
+    return 1 + ((sim >= best) & ~hits).sum(1)
+
+
+def recall_metrics(ranks, direction):
+    """The MSR-VTT protocol from (q,) ranks: recall at 1, 5 and 10 and the median rank, e.g. t2v_r1 ... t2v_medr."""
+    out = {f"{direction}_r{k}": (ranks <= k).float().mean().item() for k in (1, 5, 10)}
+    out[f"{direction}_medr"] = torch.quantile(ranks.float(), 0.5).item()  # the mean of the middle two when even
+    return out
 
 
 # -----------------------------------------------------------------------------

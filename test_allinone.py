@@ -1,22 +1,46 @@
-"""Tests for allinone.py and train_tiny.py. Quick, CPU only: python -m pytest -q test_allinone.py"""
+"""Tests for allinone.py and train_tiny.py, in the order of the code. Quick, CPU only: python -m pytest -q test_allinone.py"""
 
 import contextlib
+import json
+import os
+import signal
 import subprocess
 import sys
 from dataclasses import replace
+from fractions import Fraction
 from pathlib import Path
+from types import SimpleNamespace
 
+import av
+import numpy as np
 import pytest
 import torch
 from einops import rearrange
 
+import train_tiny as tt
 from allinone import (
-    CLS_ID, MASK_ID, PAD_ID, SEP_ID, AllInOne, Config, Unloaded, contrastive_loss, cosine_similarity, load_checkpoint,
-    mlm_loss, mlm_mask, temporal_roll, vtm_batch, vtm_loss,
+    CLS_ID, MASK_ID, PAD_ID, SEP_ID, AllInOne, Config, Output, Unloaded, contrastive_loss, cosine_similarity,
+    first_hit_ranks, load_checkpoint, mlm_loss, mlm_mask, recall_metrics, strictly_best, temporal_roll, vtm_batch,
+    vtm_loss,
 )
 
 HERE = Path(__file__).parent
 FIXTURE = HERE / "testdata" / "official_mini.pt"
+QUICK = ["--batch", "8", "--vtm-clips", "4", "--mlm-clips", "2", "--eval-clips", "16", "--log-every", "1",
+         "--warmup", "2", "--device", "cpu"]  # a train_tiny.py run that takes a second a step
+PORTRAIT = [0, 65536, 0, -65536, 0, 0, 0, 0, 1 << 30]  # a phone filmed upright: the display matrix turns it 90°
+
+
+# --- helpers shared by the tests ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_thread():
+    """Float sums in one fixed order: what exactness tests on the CPU need (two threads vary with the load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +69,150 @@ def small_batch(b=2, t=3, size=32, l=8, vocab=50):
     return video, ids, mask
 
 
-# --- parity with the official model -----------------------------------------------------------------------------
-
-
 def assert_close(actual, expected, name):
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     err = (actual - expected).abs().max().item()
     assert err <= 1e-5, f"{name}: max abs difference {err:.2e}"
+
+
+def run_cli(argv, capsys):
+    """train_tiny's command line in this process: (exit status, stdout, stderr)."""
+    try:
+        tt.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def ckpt_of(folder):
+    return load_checkpoint(Path(folder) / "ckpt.pt")
+
+
+def model_of(folder):
+    """The model of a run's ckpt.pt, in eval mode, and its tokenizer."""
+    ckpt = ckpt_of(folder)
+    model = AllInOne(Config(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), tt.Text(tt.Tokenizer.from_str(ckpt["tokenizer"]), model.cfg.max_text_len)
+
+
+def write(path, content):
+    path.write_text(content)
+    return path
+
+
+class Payload:  # a pickle that runs code when a naive loader reads it
+    def __init__(self, fn, arg):
+        self.fn, self.arg = fn, arg
+
+    def __reduce__(self):
+        return self.fn, (self.arg,)
+
+
+def craft(path, marker, via="exec"):
+    """A checkpoint-looking file whose unpickling would create `marker`."""
+    import builtins
+    import os
+    fn, arg = (builtins.exec, f"open({str(marker)!r}, 'w')") if via == "exec" else (os.system, f"touch {marker}")
+    torch.save({"model": Payload(fn, arg), "state_dict": {"w": torch.ones(1)}}, path)
+    return path
+
+
+def lightning_checkpoint(path, monkeypatch, **extra):
+    """An official-format file: Lightning 1.1 keys its callbacks' states by their classes, so its pickle names
+    pytorch_lightning; saved with stand-in modules that are gone again when it is read."""
+    import types
+    with monkeypatch.context() as m:
+        for name in ("pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"):
+            m.setitem(sys.modules, name, types.ModuleType(name))
+        cls = type("ModelCheckpoint", (), {"__module__": "pytorch_lightning.callbacks.model_checkpoint"})
+        sys.modules["pytorch_lightning.callbacks.model_checkpoint"].ModelCheckpoint = cls
+        torch.save(dict(epoch=9, global_step=100, callbacks={cls: dict(best_model_score=torch.tensor(0.5))}, **extra), path)
+    assert "pytorch_lightning" not in sys.modules
+    return path
+
+
+# Each test video shows its frame index as a 4x4 grid of black/white cells (bit j = cell j), so a test can read
+# which frame load_clip returned.
+
+
+def draw_index(i, w, h):
+    img = np.full((h, w, 3), 128, np.uint8)
+    m = min(w, h)
+    c, y0, x0 = m // 4, (h - m) // 2, (w - m) // 2
+    for j in range(16):
+        r, q = divmod(j, 4)
+        img[y0 + r * c: y0 + (r + 1) * c, x0 + q * c: x0 + (q + 1) * c] = 255 * ((i >> j) & 1)
+    return img
+
+
+def read_index(frame):  # (3, s, s) in [-1, 1] -> the frame index drawn in it
+    g = frame.mean(0).numpy()
+    c = g.shape[0] / 4
+    bits = [g[int((r + 0.3) * c): int((r + 0.7) * c), int((q + 0.3) * c): int((q + 0.7) * c)].mean() > 0
+            for r in range(4) for q in range(4)]
+    return sum(b << j for j, b in enumerate(bits))
+
+
+def indices(clip):
+    return [read_index(f) for f in clip]
+
+
+def make_video(path, n=60, w=64, h=48, codec="libx264", times=None, matrix=None, gop=10, options=None, draw=draw_index,
+               pix_fmt="yuv420p", codec_options=None):
+    """n frames at 30 fps, or at `times` (seconds: a variable frame rate)."""
+    with av.open(str(path), "w", options=options or {}) as out:
+        s = out.add_stream(codec, rate=30, options=codec_options or {})
+        s.width, s.height, s.pix_fmt = w, h, pix_fmt
+        s.codec_context.gop_size = gop
+        if times is not None:
+            s.codec_context.time_base = Fraction(1, 1000)
+        if matrix is not None:
+            s.set_display_matrix(matrix)
+        for i in range(n):
+            f = av.VideoFrame.from_ndarray(draw(i, w, h), format="rgb24")
+            if times is not None:
+                f.pts, f.time_base = round(times[i] * 1000), Fraction(1, 1000)
+            out.mux(s.encode(f))
+        out.mux(s.encode())
+    return path
+
+
+def middles(n, t):  # the segment middles, written out independently of train_tiny.segment_frames
+    return [(k * n // t + max(k * n // t, (k + 1) * n // t - 1)) // 2 for k in range(t)]
+
+
+def make_bad_files(folder):
+    good = make_video(folder / "good.mp4", n=30).read_bytes()
+    (folder / "empty.mp4").write_bytes(b"")
+    (folder / "truncated.mp4").write_bytes(good[: len(good) // 2])
+    (folder / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(5000))
+    fast = make_video(folder / "fast.mp4", n=30, options={"movflags": "faststart"}).read_bytes()
+    (folder / "cut_faststart.mp4").write_bytes(fast[: len(fast) // 2])  # header intact, frames cut off
+    with av.open(str(folder / "audio_only.m4a"), "w") as out:
+        s = out.add_stream("aac", rate=16000)
+        for i in range(10):
+            f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            f.sample_rate, f.pts = 16000, i * 1024
+            out.mux(s.encode(f))
+        out.mux(s.encode())
+    return ["missing.mp4", "empty.mp4", "truncated.mp4", "corrupt.mp4", "cut_faststart.mp4", "audio_only.m4a"]
+
+
+def make_clips(folder, n, frames=12):
+    return [make_video(folder / f"clip{i}.mp4", n=frames, w=40, h=32, codec="mpeg4", draw=lambda j, w, h, i=i: draw_index(
+        (i * 977 + j * 131) % 65536, w, h)).name for i in range(n)]
+
+
+# =====================================================================================================================
+# allinone.py
+
+
+# --- parity with the official model; official checkpoints, loaded safely ---------------------------------------------
 
 
 def test_parity_joint(official, loaded):
@@ -81,6 +242,16 @@ def test_parity_video_only(official, loaded):
         assert_close(out.video, e["image_feats"], "image_feats")
         assert_close(out.pooled, e["cls_feats"], "cls_feats")
         assert_close(loaded.video_proj(out.video), e["image_feats_proj"], "image_feats_proj")
+
+
+def test_text_only_pass_runs_the_text_once_and_equals_the_repeated_official_way(official, loaded):
+    # the official code repeats the text per frame and averages: identical copies, so one pass is the same
+    i = official["inputs"]
+    with torch.no_grad():
+        once = loaded.encode_text(i["text_ids"], i["text_masks"]).text
+        x, mask = loaded.embed_text(i["text_ids"], i["text_masks"])
+        repeated = loaded.run_frames(x[:, None].expand(-1, 4, -1, -1), mask, l=x.shape[1], roll=False)
+    assert torch.allclose(once, repeated, atol=1e-6)
 
 
 def test_from_official_reads_config_from_shapes(official, loaded):
@@ -127,6 +298,28 @@ def test_from_official_missing_heads_are_listed(official):
         AllInOne.from_official(state, heads=2)
 
 
+def test_from_official_heads_from_hyper_parameters_widths_or_an_error(official):
+    state = official["state_dict"]  # width 64, 2 heads: nothing in the shapes says 2
+    with pytest.raises(ValueError, match="heads= .train_tiny.py: --heads"):
+        AllInOne.from_official(state)
+    assert AllInOne.from_official({"state_dict": state, "hyper_parameters": {"config": {"num_heads": 2}}}).cfg.heads == 2
+    wide = {k: v for k, v in AllInOne(Config.preset("tiny", depth=1)).state_dict().items()}
+    assert AllInOne.from_official(wide).cfg.heads == 3  # All-in-one-Ti's width
+
+
+def test_official_rank_output_loads_into_mc_head(official):
+    state = dict(official["state_dict"])
+    state["rank_output.weight"], state["rank_output.bias"] = torch.randn(1, 64), torch.tensor([0.5])
+    model = AllInOne.from_official(state, heads=2)
+    assert model.cfg.mc_head and torch.equal(model.mc_head.weight, state["rank_output.weight"])
+    pooled = torch.randn(4, 64)
+    assert torch.allclose(model.mc_score(pooled), pooled @ state["rank_output.weight"][0] + 0.5, atol=1e-6)
+    # asked for on a checkpoint without one: the checkpoint's own match row
+    plain = AllInOne.from_official(official["state_dict"], heads=2, mc_head=True)
+    assert torch.equal(plain.mc_head.weight, official["state_dict"]["itm_score.fc.weight"][1:])
+    assert "mc_head" not in plain.fresh_heads
+
+
 def test_own_state_dict_round_trip():
     model = small_model()
     copy = AllInOne(model.cfg)
@@ -136,14 +329,24 @@ def test_own_state_dict_round_trip():
         assert torch.equal(model.eval()(video, ids, mask).pooled, copy.eval()(video, ids, mask).pooled)
 
 
-def test_video_embeddings_start_as_official_except_in_nano():
-    official = AllInOne(Config.preset("tiny")).video_embed  # position N(0, 0.02), time embedding zeros
-    assert 0.015 < official.pos.std().item() < 0.025 and not official.temporal.any()
-    nano = AllInOne(Config.preset("nano")).video_embed  # both N(0, 0.3): the deviation train_tiny.py needs (README)
-    assert 0.25 < nano.pos.std().item() < 0.35 and 0.2 < nano.temporal.std().item() < 0.4
+def test_load_checkpoint_runs_no_code_and_reads_lightning_files_without_lightning(tmp_path, official, monkeypatch):
+    marker = tmp_path / "marker"
+    loaded = load_checkpoint(craft(tmp_path / "exec.pt", marker))
+    assert isinstance(loaded["model"], Unloaded) and not marker.exists()  # a stand-in, never called
+    with pytest.raises(ValueError, match="system.pt safely: .*posix.system"):
+        load_checkpoint(craft(tmp_path / "system.pt", marker, via="system"))
+    assert not marker.exists()
+    path = lightning_checkpoint(tmp_path / "official.ckpt", monkeypatch, state_dict=official["state_dict"],
+                                hyper_parameters=dict(config=dict(num_heads=2, hidden_size=64)))
+    model = AllInOne.from_official(path)  # heads from the hyper-parameters
+    assert model.cfg.heads == 2 and torch.equal(model.pooler.weight, official["state_dict"]["pooler.dense.weight"])
+    for bad, message in [(tmp_path, "Is a directory"), (tmp_path / "none.pt", "No such file"),
+                         (HERE / "README.md", "not a file written by torch.save")]:
+        with pytest.raises(ValueError, match=message):
+            load_checkpoint(bad)
 
 
-# --- temporal rolling ---------------------------------------------------------------------------------------------
+# --- temporal rolling ------------------------------------------------------------------------------------------------
 
 
 def test_roll_hand_made_example():
@@ -272,7 +475,14 @@ def test_video_only_temporal_changes_the_video_only_pass_only_through_rolled_slo
     assert not torch.allclose(rolled.video, plain.video, atol=1e-4)
 
 
-# --- padding, inputs ----------------------------------------------------------------------------------------------
+# --- the model: initialisation, inputs, heads ------------------------------------------------------------------------
+
+
+def test_video_embeddings_start_as_official_except_in_nano():
+    official = AllInOne(Config.preset("tiny")).video_embed  # position N(0, 0.02), time embedding zeros
+    assert 0.015 < official.pos.std().item() < 0.025 and not official.temporal.any()
+    nano = AllInOne(Config.preset("nano")).video_embed  # both N(0, 0.3): the deviation train_tiny.py needs (README)
+    assert 0.25 < nano.pos.std().item() < 0.35 and 0.2 < nano.temporal.std().item() < 0.4
 
 
 def test_padded_text_ids_do_not_matter():
@@ -284,16 +494,6 @@ def test_padded_text_ids_do_not_matter():
     with torch.no_grad():
         assert torch.allclose(model(video, ids, mask).pooled, model(video, other, mask).pooled, atol=1e-6)
         assert torch.allclose(model.encode_text(ids, mask).pooled, model.encode_text(other, mask).pooled, atol=1e-6)
-
-
-def test_text_only_pass_runs_the_text_once_and_equals_the_repeated_official_way(official, loaded):
-    # the official code repeats the text per frame and averages: identical copies, so one pass is the same
-    i = official["inputs"]
-    with torch.no_grad():
-        once = loaded.encode_text(i["text_ids"], i["text_masks"]).text
-        x, mask = loaded.embed_text(i["text_ids"], i["text_masks"])
-        repeated = loaded.run_frames(x[:, None].expand(-1, 4, -1, -1), mask, l=x.shape[1], roll=False)
-    assert torch.allclose(once, repeated, atol=1e-6)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -328,7 +528,39 @@ def test_bad_config_raises():
     assert Config.preset("base", frames=8).frames == 8
 
 
-# --- losses and training --------------------------------------------------------------------------------------------
+def test_training_step_reaches_every_parameter():
+    model = small_model(num_answers=7).train()
+    video, ids, mask = small_batch()
+    masked, labels = mlm_mask(ids, mask, vocab_size=50, mask_id=3, generator=torch.Generator().manual_seed(0))
+    labels[0, 1] = ids[0, 1]  # at least one prediction whatever the draw
+    paired, match = vtm_batch(video, generator=torch.Generator().manual_seed(0))
+    out = model(paired, ids, mask)
+    text, vid = model.encode_text(ids, mask), model.encode_video(video)
+    loss = (vtm_loss(model.vtm_head(out.pooled), match) + mlm_loss(model.mlm_head(model(video, masked, mask).text), labels)
+            + contrastive_loss(model.text_proj(text.text[:, 0]), model.video_proj(vid.video[:, 0]))
+            + model.qa_head(out.pooled).logsumexp(-1).mean())
+    loss.backward()
+    no_grad = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_grad == []
+
+
+def test_match_score_is_the_vtm_match_logit():
+    model = small_model().eval()
+    pooled = torch.randn(3, 32)
+    assert torch.allclose(model.match_score(pooled), model.vtm_head(pooled)[:, 1])
+
+
+def test_mc_head_starts_as_the_match_row_and_scores_with_it():
+    model = small_model(mc_head=True).eval()
+    pooled = torch.randn(3, 32)
+    assert torch.allclose(model.mc_score(pooled), model.match_score(pooled))  # fine-tuning starts from zero-shot
+    with torch.no_grad():
+        model.vtm_head.weight.add_(1.0)  # the scorer is a copy, not a view: it trains on its own
+    assert not torch.allclose(model.mc_score(pooled), model.match_score(pooled))
+    assert torch.allclose(small_model().mc_score(pooled), small_model().match_score(pooled))  # without mc_head
+
+
+# --- losses and metrics ----------------------------------------------------------------------------------------------
 
 
 def test_mlm_mask_rates_and_never_masked_tokens():
@@ -348,6 +580,20 @@ def test_mlm_mask_rates_and_never_masked_tokens():
     unchanged = (out[picked] == ids[picked]).float().mean()
     assert 0.77 < to_mask < 0.83 and 0.08 < unchanged < 0.12
     assert torch.equal(out[~picked], ids[~picked])
+
+
+def test_whole_word_masking_masks_a_words_pieces_together():
+    # "[CLS] the walk ##ing man ##ly run ##s [SEP]": pieces (##) take their word's lot
+    ids = torch.tensor([[101, 5, 6, 7, 8, 9, 10, 11, 102]]).repeat(2000, 1)
+    continues = torch.tensor([[False, False, False, True, False, True, False, True, False]]).repeat(2000, 1)
+    out, labels = mlm_mask(ids, torch.ones_like(ids), 50, continues=continues, generator=torch.Generator().manual_seed(0))
+    picked = labels != -100
+    for word in ([2, 3], [4, 5], [6, 7]):
+        assert (picked[:, word[0]] == picked[:, word[1]]).all()  # all or nothing
+    assert 0.13 < picked[:, 1].float().mean() < 0.17 and 0.13 < picked[:, 2].float().mean() < 0.17  # 15% of words
+    assert not picked[:, [0, 8]].any()
+    _, alone = mlm_mask(ids, torch.ones_like(ids), 50, generator=torch.Generator().manual_seed(0))
+    assert not ((alone[:, 2] != -100) == (alone[:, 3] != -100)).all()  # without it, pieces are picked alone
 
 
 def test_mlm_loss_only_counts_picked_positions():
@@ -377,123 +623,6 @@ def test_vtm_batch_labels():
         vtm_batch(video[:1])
 
 
-def test_training_step_reaches_every_parameter():
-    model = small_model(num_answers=7).train()
-    video, ids, mask = small_batch()
-    masked, labels = mlm_mask(ids, mask, vocab_size=50, mask_id=3, generator=torch.Generator().manual_seed(0))
-    labels[0, 1] = ids[0, 1]  # at least one prediction whatever the draw
-    paired, match = vtm_batch(video, generator=torch.Generator().manual_seed(0))
-    out = model(paired, ids, mask)
-    text, vid = model.encode_text(ids, mask), model.encode_video(video)
-    loss = (vtm_loss(model.vtm_head(out.pooled), match) + mlm_loss(model.mlm_head(model(video, masked, mask).text), labels)
-            + contrastive_loss(model.text_proj(text.text[:, 0]), model.video_proj(vid.video[:, 0]))
-            + model.qa_head(out.pooled).logsumexp(-1).mean())
-    loss.backward()
-    no_grad = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    assert no_grad == []
-
-
-def test_match_score_is_the_vtm_match_logit():
-    model = small_model().eval()
-    pooled = torch.randn(3, 32)
-    assert torch.allclose(model.match_score(pooled), model.vtm_head(pooled)[:, 1])
-
-
-
-def test_mc_head_starts_as_the_match_row_and_scores_with_it():
-    model = small_model(mc_head=True).eval()
-    pooled = torch.randn(3, 32)
-    assert torch.allclose(model.mc_score(pooled), model.match_score(pooled))  # fine-tuning starts from zero-shot
-    with torch.no_grad():
-        model.vtm_head.weight.add_(1.0)  # the scorer is a copy, not a view: it trains on its own
-    assert not torch.allclose(model.mc_score(pooled), model.match_score(pooled))
-    assert torch.allclose(small_model().mc_score(pooled), small_model().match_score(pooled))  # without mc_head
-
-
-def test_official_rank_output_loads_into_mc_head(official):
-    state = dict(official["state_dict"])
-    state["rank_output.weight"], state["rank_output.bias"] = torch.randn(1, 64), torch.tensor([0.5])
-    model = AllInOne.from_official(state, heads=2)
-    assert model.cfg.mc_head and torch.equal(model.mc_head.weight, state["rank_output.weight"])
-    pooled = torch.randn(4, 64)
-    assert torch.allclose(model.mc_score(pooled), pooled @ state["rank_output.weight"][0] + 0.5, atol=1e-6)
-    # asked for on a checkpoint without one: the checkpoint's own match row
-    plain = AllInOne.from_official(official["state_dict"], heads=2, mc_head=True)
-    assert torch.equal(plain.mc_head.weight, official["state_dict"]["itm_score.fc.weight"][1:])
-    assert "mc_head" not in plain.fresh_heads
-
-
-def test_from_official_heads_from_hyper_parameters_widths_or_an_error(official):
-    state = official["state_dict"]  # width 64, 2 heads: nothing in the shapes says 2
-    with pytest.raises(ValueError, match="heads= .train_tiny.py: --heads"):
-        AllInOne.from_official(state)
-    assert AllInOne.from_official({"state_dict": state, "hyper_parameters": {"config": {"num_heads": 2}}}).cfg.heads == 2
-    wide = {k: v for k, v in AllInOne(Config.preset("tiny", depth=1)).state_dict().items()}
-    assert AllInOne.from_official(wide).cfg.heads == 3  # All-in-one-Ti's width
-
-
-class Payload:  # a pickle that runs code when a naive loader reads it
-    def __init__(self, fn, arg):
-        self.fn, self.arg = fn, arg
-
-    def __reduce__(self):
-        return self.fn, (self.arg,)
-
-
-def craft(path, marker, via="exec"):
-    """A checkpoint-looking file whose unpickling would create `marker`."""
-    import builtins
-    import os
-    fn, arg = (builtins.exec, f"open({str(marker)!r}, 'w')") if via == "exec" else (os.system, f"touch {marker}")
-    torch.save({"model": Payload(fn, arg), "state_dict": {"w": torch.ones(1)}}, path)
-    return path
-
-
-def lightning_checkpoint(path, monkeypatch, **extra):
-    """An official-format file: Lightning 1.1 keys its callbacks' states by their classes, so its pickle names
-    pytorch_lightning; saved with stand-in modules that are gone again when it is read."""
-    import types
-    with monkeypatch.context() as m:
-        for name in ("pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"):
-            m.setitem(sys.modules, name, types.ModuleType(name))
-        cls = type("ModelCheckpoint", (), {"__module__": "pytorch_lightning.callbacks.model_checkpoint"})
-        sys.modules["pytorch_lightning.callbacks.model_checkpoint"].ModelCheckpoint = cls
-        torch.save(dict(epoch=9, global_step=100, callbacks={cls: dict(best_model_score=torch.tensor(0.5))}, **extra), path)
-    assert "pytorch_lightning" not in sys.modules
-    return path
-
-
-def test_load_checkpoint_runs_no_code_and_reads_lightning_files_without_lightning(tmp_path, official, monkeypatch):
-    marker = tmp_path / "marker"
-    loaded = load_checkpoint(craft(tmp_path / "exec.pt", marker))
-    assert isinstance(loaded["model"], Unloaded) and not marker.exists()  # a stand-in, never called
-    with pytest.raises(ValueError, match="system.pt safely: .*posix.system"):
-        load_checkpoint(craft(tmp_path / "system.pt", marker, via="system"))
-    assert not marker.exists()
-    path = lightning_checkpoint(tmp_path / "official.ckpt", monkeypatch, state_dict=official["state_dict"],
-                                hyper_parameters=dict(config=dict(num_heads=2, hidden_size=64)))
-    model = AllInOne.from_official(path)  # heads from the hyper-parameters
-    assert model.cfg.heads == 2 and torch.equal(model.pooler.weight, official["state_dict"]["pooler.dense.weight"])
-    for bad, message in [(tmp_path, "Is a directory"), (tmp_path / "none.pt", "No such file"),
-                         (HERE / "README.md", "not a file written by torch.save")]:
-        with pytest.raises(ValueError, match=message):
-            load_checkpoint(bad)
-
-
-def test_whole_word_masking_masks_a_words_pieces_together():
-    # "[CLS] the walk ##ing man ##ly run ##s [SEP]": pieces (##) take their word's lot
-    ids = torch.tensor([[101, 5, 6, 7, 8, 9, 10, 11, 102]]).repeat(2000, 1)
-    continues = torch.tensor([[False, False, False, True, False, True, False, True, False]]).repeat(2000, 1)
-    out, labels = mlm_mask(ids, torch.ones_like(ids), 50, continues=continues, generator=torch.Generator().manual_seed(0))
-    picked = labels != -100
-    for word in ([2, 3], [4, 5], [6, 7]):
-        assert (picked[:, word[0]] == picked[:, word[1]]).all()  # all or nothing
-    assert 0.13 < picked[:, 1].float().mean() < 0.17 and 0.13 < picked[:, 2].float().mean() < 0.17  # 15% of words
-    assert not picked[:, [0, 8]].any()
-    _, alone = mlm_mask(ids, torch.ones_like(ids), 50, generator=torch.Generator().manual_seed(0))
-    assert not ((alone[:, 2] != -100) == (alone[:, 3] != -100)).all()  # without it, pieces are picked alone
-
-
 def test_cosine_similarity_stays_float32_under_autocast():
     a = torch.tensor([[1.0, 0.0]])
     b = torch.tensor([[0.992, (1 - 0.992**2) ** 0.5], [0.994, (1 - 0.994**2) ** 0.5]])  # cosines 0.992 and 0.994
@@ -506,33 +635,34 @@ def test_cosine_similarity_stays_float32_under_autocast():
     assert loss.dtype == torch.float32
 
 
+def test_ranks_and_recall_on_hand_made_similarities():
+    hits = torch.eye(5, dtype=torch.bool).repeat_interleave(4, 0)  # 5 clips x 4 captions: caption i belongs to clip i // 4
+    perfect = hits.float()
+    ranks = first_hit_ranks(perfect, hits)
+    assert (ranks == 1).all() and recall_metrics(ranks, "t2v") == dict(t2v_r1=1.0, t2v_r5=1.0, t2v_r10=1.0, t2v_medr=1.0)
+    assert (first_hit_ranks(perfect.T, hits.T) == 1).all()  # video to text: any of its 4 captions is a hit
+    # a known ranking: every caption puts its clip at place 1 + (i % 5)
+    sim = torch.zeros(20, 5)
+    for i in range(20):
+        order = [(i // 4 + j) % 5 for j in range(5)]  # wrong clips first
+        place = i % 5
+        ranked = order[1: place + 1] + [order[0]] + order[place + 1:]
+        sim[i, ranked] = torch.tensor([5.0, 4, 3, 2, 1])
+    ranks = first_hit_ranks(sim, hits)
+    assert ranks.tolist() == [1 + i % 5 for i in range(20)]
+    m = recall_metrics(ranks, "t2v")
+    assert m == pytest.approx(dict(t2v_r1=4 / 20, t2v_r5=1.0, t2v_r10=1.0, t2v_medr=3.0))
+    # ties count against the model; NaN ranks last
+    assert first_hit_ranks(torch.zeros(20, 5), hits).tolist() == [5] * 20
+    assert first_hit_ranks(torch.full((20, 5), float("nan")), hits).tolist() == [5] * 20
+    assert strictly_best(torch.tensor([[1.0, 1.0], [2.0, 1.0], [float("nan"), 0.0]]), torch.tensor([0, 0, 0])).tolist() == [False, True, False]
+
+
 # =====================================================================================================================
-# train_tiny.py: the synthetic world, evaluation, training runs, checkpoints and the run folder, options, DDP
-
-import json  # noqa: E402
-import os  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-import train_tiny as tt  # noqa: E402
-from allinone import Output  # noqa: E402
-
-QUICK = ["--batch", "8", "--vtm-clips", "4", "--mlm-clips", "2", "--eval-clips", "16", "--log-every", "1",
-         "--warmup", "2", "--device", "cpu"]
+# train_tiny.py, above the banner: what `python train_tiny.py` runs
 
 
-def run_cli(argv, capsys):
-    """train_tiny's command line in this process: (exit status, stdout, stderr)."""
-    try:
-        tt.main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-        if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+# --- the synthetic world and its tokens ------------------------------------------------------------------------------
 
 
 def test_caption_grammar_time_variants_and_questions():
@@ -548,30 +678,11 @@ def test_caption_grammar_time_variants_and_questions():
         text = tt.caption_text(j)
         answers = [tt.answer_to(j, kind) for kind in tt.QUESTIONS]
         assert text == f"a {answers[0]} {answers[1]} {answers[2]}" and all(a in tt.ANSWERS for a in answers)
-    tok = tt.make_tokenizer("", tt.texts_of(None))
+    tok = tt.make_tokenizer("", tt.SYNTHETIC_TEXTS)
     assert tok.encode("A red circle moves left").tokens == ["[CLS]", "a", "red", "circle", "moves", "left", "[SEP]"]
     assert tok.encode("what does the shape do?").tokens[-3:] == ["do", "?", "[SEP]"]  # question words are known too
     unk = tok.token_to_id("[UNK]")
-    assert all(unk not in tok.encode(t).ids for t in tt.texts_of(None))
-
-
-def test_bert_vocab_tokenizer_and_bad_vocab_files(tmp_path):
-    words = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "ball",
-                                                               "roll", "##s", ","]
-    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
-    tok = tt.make_tokenizer(tmp_path / "vocab.txt", [])
-    assert tok.encode("A red ball, rolls").tokens == ["[CLS]", "a", "red", "ball", ",", "roll", "##s", "[SEP]"]
-    assert [tok.token_to_id(t) for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]")] == [PAD_ID, CLS_ID, SEP_ID, MASK_ID]
-    text = tt.Text(tok, 16)
-    ids, mask = text(["a red ball rolls"] * 4000)
-    _, labels = text.mask_words(ids, mask, len(words), torch.Generator().manual_seed(0))
-    roll, s = (labels[:, 4] != -100), (labels[:, 5] != -100)  # "roll" "##s": one word, masked together
-    assert torch.equal(roll, s) and 0.12 < roll.float().mean() < 0.18
-    for content, message in [("a\nred\n", "lacks the special tokens"), ("\n".join(words + ["red"]), "line 111: 'red' again"),
-                             ("\n".join(words[:50] + [""] + words[50:]), "line 51: blank")]:
-        (tmp_path / "bad.txt").write_text(content)
-        with pytest.raises(tt.BadInput, match=message):
-            tt.make_tokenizer(tmp_path / "bad.txt", [])
+    assert all(unk not in tok.encode(t).ids for t in tt.SYNTHETIC_TEXTS)
 
 
 def test_render_moves_the_shape_the_way_the_caption_says():
@@ -599,9 +710,31 @@ def test_render_moves_the_shape_the_way_the_caption_says():
             assert present[0] and not present[-1]
 
 
+def test_bert_vocab_tokenizer_and_bad_vocab_files(tmp_path):
+    words = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "ball",
+                                                               "roll", "##s", ","]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    tok = tt.make_tokenizer(tmp_path / "vocab.txt", [])
+    assert tok.encode("A red ball, rolls").tokens == ["[CLS]", "a", "red", "ball", ",", "roll", "##s", "[SEP]"]
+    assert [tok.token_to_id(t) for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]")] == [PAD_ID, CLS_ID, SEP_ID, MASK_ID]
+    text = tt.Text(tok, 16)
+    ids, mask = text(["a red ball rolls"] * 4000)
+    _, labels = text.mask_words(ids, mask, len(words), torch.Generator().manual_seed(0))
+    roll, s = (labels[:, 4] != -100), (labels[:, 5] != -100)  # "roll" "##s": one word, masked together
+    assert torch.equal(roll, s) and 0.12 < roll.float().mean() < 0.18
+    for content, message in [("a\nred\n", "lacks the special tokens"), ("\n".join(words + ["red"]), "line 111: 'red' again"),
+                             ("\n".join(words[:50] + [""] + words[50:]), "line 51: blank")]:
+        (tmp_path / "bad.txt").write_text(content)
+        with pytest.raises(tt.BadInput, match=message):
+            tt.make_tokenizer(tmp_path / "bad.txt", [])
+
+
+# --- objectives and synthetic data -----------------------------------------------------------------------------------
+
+
 def tiny_setup(task="pretrain", **kw):
     opts = tt.Options(**{**tt.TASK_DEFAULTS[task], "task": task, "batch": 16, "vtm_clips": 8, "mlm_clips": 4, **kw})
-    tok = tt.make_tokenizer("", tt.texts_of(None))
+    tok = tt.make_tokenizer("", tt.SYNTHETIC_TEXTS)
     cfg = Config.preset("nano", vocab_size=tok.get_vocab_size(), video_only_temporal=True, dropout=0.0,
                         mc_head=task == "mc", num_answers=len(tt.ANSWERS) if task == "qa" else 0)
     text = tt.Text(tok, cfg.max_text_len)
@@ -626,6 +759,26 @@ def test_loss_goes_down_on_a_fixed_batch():
         assert losses[-1][k] < 0.8 * losses[0][k], (k, losses[0][k], losses[-1][k])
 
 
+def test_mc_and_qa_objectives_on_known_scores():
+    opts, cfg, text, model, data = tiny_setup("mc")
+    batch = data.batch(0)
+    out = tt.MultipleChoice(model)(batch)
+    with torch.no_grad():  # by hand: every (clip, option) pair's score, cross-entropy over each clip's 5
+        scores = torch.stack([model.mc_score(model(batch["video"], batch["options_ids"][:, j], batch["options_mask"][:, j]).pooled)
+                              for j in range(5)], 1)
+    assert torch.allclose(out["loss"], torch.nn.functional.cross_entropy(scores, batch["answer"]), atol=1e-5)
+    assert out["mc_acc"] == (scores.argmax(1) == batch["answer"]).float().mean()
+    opts, cfg, text, model, data = tiny_setup("qa")
+    batch = data.batch(0)
+    answers = [tt.ANSWERS[a] for a in batch["answer"]]
+    kinds = [list(tt.QUESTIONS)[list(data.question_ids.tolist()).index(q.tolist())] for q in batch["question_ids"]]
+    assert all(a in (tt.COLOURS if k == "colour" else tt.SHAPES if k == "shape" else tt.MOTIONS) for a, k in zip(answers, kinds))
+    out = tt.OpenQA(model.eval())(batch)  # eval: the head's dropout off
+    with torch.no_grad():  # by hand: the QA head on the pooled joint feature, cross-entropy over the answers
+        logits = model.qa_head(model(batch["video"], batch["question_ids"], batch["question_mask"]).pooled)
+    assert torch.allclose(out["loss"], torch.nn.functional.cross_entropy(logits, batch["answer"]), atol=1e-5)
+
+
 def test_synthetic_batches_are_deterministic_and_split_among_processes():
     opts, cfg, text, model, data = tiny_setup()
     a, b = data.batch(3), data.batch(3)
@@ -641,40 +794,6 @@ def test_synthetic_batches_are_deterministic_and_split_among_processes():
         else:
             assert all(torch.equal(h[key], a[key][r::2]) for r, h in enumerate(halves)), key
     assert torch.equal(halves[1]["video"][:4], a["video"][:8][1::2])  # its VTM clips come first
-
-
-def test_held_out_is_new_compact_and_complete_for_each_task():
-    opts, cfg, text, model, data = tiny_setup(eval_clips=24)
-    held = data.held_out()
-    assert held["video"].dtype == torch.uint8 and held["video"].shape == (24, 4, 3, 32, 32)
-    c = held["captions"]
-    assert torch.equal(c["ids"], data.bank_ids[c["label"]])
-    options = held["mc"]["mc_acc"]["ids"]
-    assert (options[:, 0] == c["ids"]).all()
-    _, _, _, _, mc = tiny_setup("mc", eval_clips=24)
-    sets = mc.held_out()["mc"]
-    for name, s in sets.items():  # the answer is each clip's own caption; time-only options differ only in time
-        assert s["ids"].shape[:2] == (24, 5) and (s["answer"] >= 0).all()
-    times = sets["mc_acc_time"]
-    _, _, _, _, qa = tiny_setup("qa", eval_clips=24)
-    q = qa.held_out()["qa"]
-    assert len(q["ids"]) == 72 and q["types"] == ["colour", "shape", "motion"]
-    assert times["ids"].shape == (24, 5, times["ids"].shape[2])
-
-
-def test_mc_option_sets_hold_the_answer_and_the_right_kind_of_distractors():
-    opts, cfg, text, model, data = tiny_setup("mc")
-    g = torch.Generator().manual_seed(0)
-    captions = torch.randint(72, (200,), generator=g)
-    for time_only in (True, False):
-        options, answer = data.option_sets(captions, torch.full((200,), time_only), g)
-        assert torch.equal(options[torch.arange(200), answer], captions)
-        for row, own in zip(options.tolist(), captions.tolist()):
-            assert len(set(row)) == 5
-            others = [tt.CAPTIONS[j] for j in row if j != own]
-            if time_only:
-                assert all(o[:2] == tt.CAPTIONS[own][:2] for o in others)
-    assert len(set(answer.tolist())) == 5  # the answer is not always in the same place
 
 
 def test_vtm_mismatches_follow_the_curriculum():
@@ -696,30 +815,84 @@ def test_vtm_mismatches_follow_the_curriculum():
     assert 0.2 < late["looks"] < 0.45 and 0.15 < late["other"] < 0.4  # the rest: half colour- or shape-only
 
 
-# --- evaluation, on a stand-in model whose scores are known -----------------------------------------------------------
+def test_mc_option_sets_hold_the_answer_and_the_right_kind_of_distractors():
+    opts, cfg, text, model, data = tiny_setup("mc")
+    g = torch.Generator().manual_seed(0)
+    captions = torch.randint(72, (200,), generator=g)
+    for time_only in (True, False):
+        options, answer = data.option_sets(captions, torch.full((200,), time_only), g)
+        assert torch.equal(options[torch.arange(200), answer], captions)
+        for row, own in zip(options.tolist(), captions.tolist()):
+            assert len(set(row)) == 5
+            others = [tt.CAPTIONS[j] for j in row if j != own]
+            if time_only:
+                assert all(o[:2] == tt.CAPTIONS[own][:2] for o in others)
+    assert len(set(answer.tolist())) == 5  # the answer is not always in the same place
 
 
-def test_ranks_and_recall_on_hand_made_similarities():
-    hits = torch.eye(5, dtype=torch.bool).repeat_interleave(4, 0)  # 5 clips x 4 captions: caption i belongs to clip i // 4
-    perfect = hits.float()
-    ranks = tt.first_hit_ranks(perfect, hits)
-    assert (ranks == 1).all() and tt.retrieval_metrics(ranks, "t2v") == dict(t2v_r1=1.0, t2v_r5=1.0, t2v_r10=1.0, t2v_medr=1.0)
-    assert (tt.first_hit_ranks(perfect.T, hits.T) == 1).all()  # video to text: any of its 4 captions is a hit
-    # a known ranking: every caption puts its clip at place 1 + (i % 5)
-    sim = torch.zeros(20, 5)
-    for i in range(20):
-        order = [(i // 4 + j) % 5 for j in range(5)]  # wrong clips first
-        place = i % 5
-        ranked = order[1: place + 1] + [order[0]] + order[place + 1:]
-        sim[i, ranked] = torch.tensor([5.0, 4, 3, 2, 1])
-    ranks = tt.first_hit_ranks(sim, hits)
-    assert ranks.tolist() == [1 + i % 5 for i in range(20)]
-    m = tt.retrieval_metrics(ranks, "t2v")
-    assert m == pytest.approx(dict(t2v_r1=4 / 20, t2v_r5=1.0, t2v_r10=1.0, t2v_medr=3.0))
-    # ties count against the model; NaN ranks last
-    assert tt.first_hit_ranks(torch.zeros(20, 5), hits).tolist() == [5] * 20
-    assert tt.first_hit_ranks(torch.full((20, 5), float("nan")), hits).tolist() == [5] * 20
-    assert tt.strictly_best(torch.tensor([[1.0, 1.0], [2.0, 1.0], [float("nan"), 0.0]]), torch.tensor([0, 0, 0])).tolist() == [False, True, False]
+def test_held_out_is_new_compact_and_complete_for_each_task():
+    opts, cfg, text, model, data = tiny_setup(eval_clips=24)
+    held = data.held_out()
+    assert held.video.dtype == torch.uint8 and held.video.shape == (24, 4, 3, 32, 32)
+    train_video = ((data.batch(0)["video"] + 1) * 127.5).round().to(torch.uint8)
+    assert not any(torch.equal(v, w) for v in held.video for w in train_video)  # new renders, not training clips
+    bank = {tuple(row.tolist()): j for j, row in enumerate(data.bank_ids)}
+    c = held.captions
+    own = [bank[tuple(row.tolist())] for row in c.ids]
+    assert own == c.label.tolist() == c.clip_label.tolist()
+    assert [bank[tuple(row.tolist())] for row in c.swapped_ids] == [tt.time_swapped(j) for j in own]
+    for row, j in zip(held.choices["mc_acc"].ids, own):  # zero-shot: its own caption first among its 6 time variants
+        assert [bank[tuple(o.tolist())] for o in row] == tt.time_variants(j)
+    # fine-tuning sets: the answer points at the clip's own caption; the time set differs from it only in time words
+    captions = torch.randint(72, (24,), generator=torch.Generator().manual_seed(10_000_019)).tolist()
+    _, _, _, _, mc = tiny_setup("mc", eval_clips=24)
+    sets = mc.held_out().choices
+    for name, choices in sets.items():
+        options = [[bank[tuple(o.tolist())] for o in row] for row in choices.ids]
+        assert [row[a] for row, a in zip(options, choices.answer.tolist())] == captions
+        assert all(len(set(row)) == 5 for row in options)
+        same_looks = [all(tt.CAPTIONS[o][:2] == tt.CAPTIONS[row[0]][:2] for o in row) for row in options]
+        assert all(same_looks) if name == "mc_acc_time" else not all(same_looks)
+    _, _, _, _, qa = tiny_setup("qa", eval_clips=24)
+    q = qa.held_out().questions  # every question about every clip, with the answer the caption gives
+    assert q.kinds == ["colour", "shape", "motion"] and q.clip.tolist() == [i // 3 for i in range(72)]
+    assert [tt.ANSWERS[a] for a in q.answer] == [tt.answer_to(captions[i // 3], q.kinds[i % 3]) for i in range(72)]
+
+
+# --- the training loop -----------------------------------------------------------------------------------------------
+
+
+def test_resume_with_non_default_options_gives_identical_weights(tmp_path, one_thread):
+    flags = QUICK + ["--temporal", "none", "--lr", "3e-3", "--seed", "5", "--eval-every", "2"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    tt.train(tt.parse_options(flags + ["--steps", "6", "--out", str(straight)]))
+    tt.train(tt.parse_options(flags + ["--steps", "3", "--out", str(split)]))
+    tt.train(tt.parse_options(["--steps", "6", "--out", str(split), "--resume"]))  # the rest comes from the checkpoint
+    a, b = ckpt_of(straight), ckpt_of(split)
+    assert a["step"] == b["step"] == 6 and b["config"]["temporal"] == "none" and b["options"]["lr"] == 3e-3
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["tokenizer"] == b["tokenizer"] and a["config"] == b["config"] and a["scaler"] == b["scaler"] == {}
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    for key in ("vtm_acc", "vtm_acc_temporal", "mlm_acc", "t2v_r1", "t2v_r10", "t2v_medr", "v2t_r5", "mc_acc",
+                "clips", "captions", "clips_per_s", "wall_s"):
+        assert key in rows[-1]
+    # the checkpoint is self-contained: model, tokenizer, config
+    model = AllInOne(Config(**a["config"]))
+    model.load_state_dict(a["model"])
+    assert tt.Tokenizer.from_str(a["tokenizer"]).encode("a red circle appears").ids[0] == 2  # [CLS]
+
+
+def test_a_short_pre_training_then_fine_tuning_beats_chance(tmp_path, one_thread):
+    flags = ["--log-every", "50", "--device", "cpu", "--warmup", "5"]
+    tt.train(tt.parse_options(flags + ["--steps", "30", "--batch", "32", "--vtm-clips", "8", "--mlm-clips", "4",
+                                       "--eval-clips", "8", "--out", str(tmp_path / "pre")]))
+    last = tt.train(tt.parse_options(flags + ["--task", "qa", "--init", str(tmp_path / "pre" / "ckpt.pt"), "--steps", "60",
+                                              "--lr", "2e-3", "--eval-clips", "48", "--out", str(tmp_path / "qa")]))
+    assert last["qa_acc_colour"] > 0.4  # chance 1/4; seeds 0, 1, 2 reach 0.58-0.65
+
+
+# --- evaluation, on a stand-in model whose scores are known ----------------------------------------------------------
 
 
 class Oracle(torch.nn.Module):
@@ -756,6 +929,8 @@ class Oracle(torch.nn.Module):
     def mc_score(self, pooled):
         return pooled[:, 1]
 
+    score_options = AllInOne.score_options  # each clip with each option, through forward and mc_score
+
 
 def held_out_of(n_clips, captions_per_clip, text, words):
     """A held-out set: clip c has captions_per_clip captions, all with the word words[c]."""
@@ -764,9 +939,8 @@ def held_out_of(n_clips, captions_per_clip, text, words):
     captions = [f"w{words[c]} x{k}" for c in range(n_clips) for k in range(captions_per_clip)]
     ids, mask = text(captions)
     clip = torch.arange(n_clips).repeat_interleave(captions_per_clip)
-    return dict(video=video, captions=dict(ids=ids, mask=mask, clip=clip, first=torch.arange(n_clips) * captions_per_clip,
-                                           label=clip, clip_label=torch.arange(n_clips),
-                                           text=torch.arange(len(captions))))
+    return tt.HeldOut(video, tt.Captions(ids, mask, first=torch.arange(n_clips) * captions_per_clip, label=clip,
+                                         clip_label=torch.arange(n_clips), text=torch.arange(len(captions))))
 
 
 def oracle_text():
@@ -786,8 +960,8 @@ def test_evaluate_on_an_oracle_gives_the_known_numbers():
     for direction in ("t2v", "v2t"):
         assert (m[f"{direction}_r1"], m[f"{direction}_medr"]) == (1.0, 1.0)
     # MLM: the oracle predicts the word it sees, so exactly the picked words left unchanged are right
-    c = held["captions"]
-    masked, labels = text.mask_words(c["ids"][c["first"]], c["mask"][c["first"]], tok.get_vocab_size(),
+    c = held.captions
+    masked, labels = text.mask_words(c.ids[c.first], c.mask[c.first], tok.get_vocab_size(),
                                      torch.Generator().manual_seed(2))
     picked = labels != -100
     assert m["mlm_acc"] == pytest.approx((masked[picked] == labels[picked]).float().mean().item())
@@ -800,8 +974,8 @@ def test_evaluate_on_an_oracle_gives_the_known_numbers():
     assert m["vtm_acc"] == 0 and m["mlm_acc"] == 0 and m["t2v_r1"] == 1.0  # (its retrieval features are right)
     # multiple choice: options are captions of clips 0..4, the answer at a known place
     options = torch.tensor([[(c + j) % 5 for j in range(5)] for c in range(5)])  # answer = option 0, the own word
-    held["mc"] = {"mc_acc": dict(ids=c["ids"][options * 4], mask=c["mask"][options * 4], clip=torch.arange(5),
-                                 answer=torch.zeros(5, dtype=torch.long))}
+    held.choices["mc_acc"] = tt.Choices(c.ids[options * 4], c.mask[options * 4], torch.arange(5),
+                                        torch.zeros(5, dtype=torch.long))
     assert tt.evaluate(Oracle(truth), held, text, contextlib.nullcontext(), "ours")[0]["mc_acc"] == 1.0
     assert tt.evaluate(Oracle(truth, flat=True), held, text, contextlib.nullcontext(), "ours")[0]["mc_acc"] == 0.0
 
@@ -819,7 +993,7 @@ def test_evaluate_leaves_out_what_means_nothing():
     assert "t2v_r1" not in m and "mlm_acc" not in m and m["vtm_acc"] == 1.0
     assert any("contrastive projections were never trained" in n for n in notes)
     blank = held_out_of(2, 1, text, [0, 1])
-    blank["captions"]["ids"][:, 1:], blank["captions"]["mask"][:, 1:] = 0, 0  # [CLS] alone: nothing to mask
+    blank.captions.ids[:, 1:], blank.captions.mask[:, 1:] = 0, 0  # [CLS] alone: nothing to mask
     m, notes = tt.evaluate(Oracle(torch.tensor([word[0], word[1]])), blank, text, contextlib.nullcontext(), "ours")
     assert "mlm_acc" not in m and any("no held-out caption has a word to mask" in n for n in notes)
 
@@ -830,43 +1004,118 @@ def test_qa_accuracy_counts_unknown_answers_wrong():
     video[:, 0, 0, 0, 0] = torch.arange(4, dtype=torch.uint8)
     ids, mask = text(["what is it"] * 4)
     ids[:, 1] = 1  # the oracle answers questions whose first word is 1
-    held = dict(video=video, qa=dict(ids=ids, mask=mask, clip=torch.arange(4), answer=torch.tensor([0, 1, 0, -1]),
-                                    type=torch.tensor([0, 0, 1, 1]), types=["a", "b"]))
+    held = tt.HeldOut(video, questions=tt.Questions(ids, mask, torch.arange(4), answer=torch.tensor([0, 1, 0, -1]),
+                                                    kind=torch.tensor([0, 0, 1, 1]), kinds=["a", "b"]))
     m, _ = tt.evaluate(Oracle(torch.zeros(4, dtype=torch.long), answers=3), held, text, contextlib.nullcontext(), "ours")
     # answers: clip 0 -> 0 (right), 1 -> 1 (right), 2 -> 2 (truth 0: wrong), 3 -> unknown (wrong)
     assert m["qa_acc"] == 0.5 and m["qa_acc_a"] == 1.0 and m["qa_acc_b"] == 0.0 and m["qa_unknown_answers"] == 0.25
 
 
+# =====================================================================================================================
+# train_tiny.py, below the banner: the toolbox
+
+
+# --- options ---------------------------------------------------------------------------------------------------------
+
+
+def test_bad_options_give_one_clear_message(tmp_path, capsys):
+    cases = [
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--temporal", "shift"], "--temporal must be roll, none or flatten"),
+        (["--task", "vqa"], "--task must be pretrain, mc or qa"),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--eval-every", "0"], "--eval-every must be at least 1"),
+        (["--log-every", "0"], "--log-every must be at least 1"),
+        (["--ckpt-every", "-1"], "--ckpt-every must be at least 1"),
+        (["--batch", "ten"], "invalid int value"),
+        (["--temperature", "0"], "--temperature must be a positive number"),
+        (["--lr", "-1"], "--lr must be a positive number"),
+        (["--lr", "nan"], "--lr must be a positive number"),
+        (["--lr", "inf"], "--lr must be a positive number"),
+        (["--weight-decay", "nan"], "--weight-decay must be 0 or more"),
+        (["--dropout", "2"], "--dropout must be in [0, 1)"),
+        (["--curriculum", "1.5"], "--curriculum must be between 0 and 1"),
+        (["--val-share", "1"], "--val-share must be between 0 and 1"),
+        (["--data", "no/such.csv"], "--data no/such.csv: no such file"),
+        (["--vocab", str(tmp_path)], f"--vocab {tmp_path}: no such file"),
+        (["--init", "x.ckpt"], "--init x.ckpt: no such file"),
+        (["--eval-only"], "--eval-only needs a model"),
+        (["--resume", "--out", str(tmp_path / "none")], "--resume: no checkpoint at"),
+    ]
+    for argv, message in cases:
+        code, _, err = run_cli(argv, capsys)
+        assert code == 2 and message in err and "Traceback" not in err, (argv, err)
+    for argv, message in [(["--fold-div", "1"], "cannot build the model: temporal rolling needs"),
+                          (["--frames", "1", "--temporal", "roll", "--fold-div", "20"], "cannot build the model")]:
+        code, _, err = run_cli(QUICK + argv + ["--out", str(tmp_path / "x")], capsys)
+        assert code == 1 and message in err and "Traceback" not in err, (argv, err)
+
+
+def test_resume_refuses_a_flag_that_would_change_the_run(tmp_path, capsys):
+    tt.train(tt.parse_options(QUICK + ["--steps", "2", "--out", str(tmp_path)]))
+    code, _, err = run_cli(["--resume", "--out", str(tmp_path), "--steps", "4", "--batch", "16"], capsys)
+    assert code == 2 and "--batch 16 differs from the checkpoint's 8" in err and "--steps" in err
+    code, _, err = run_cli(["--resume", "--out", str(tmp_path), "--temporal", "flatten"], capsys)
+    assert code == 2 and "--temporal 'flatten' differs from the checkpoint's 'roll'" in err
+    code, out, _ = run_cli(["--resume", "--out", str(tmp_path), "--steps", "3", "--log-every", "5", "--workers", "0"], capsys)
+    assert code == 0 and ckpt_of(tmp_path)["step"] == 3
+
+
+def test_readme_commands_parse():
+    """Every `python train_tiny.py ...` command in the README takes only options that exist."""
+    readme = (HERE / "README.md").read_text()
+    commands = [line.split("train_tiny.py", 1)[1].split("#")[0].split() for line in readme.splitlines()
+                if line.strip().startswith(("python train_tiny.py", "torchrun")) and "train_tiny.py" in line]
+    assert len(commands) >= 8
+    known = {"--" + f.name.replace("_", "-") for f in tt.dataclasses.fields(tt.Options)} | {"--help"}
+    for argv in commands:
+        flags = [a.split("=")[0] for a in argv if a.startswith("--")]
+        assert set(flags) <= known, (argv, set(flags) - known)
+
+
+# --- start points ----------------------------------------------------------------------------------------------------
+
+
+def test_init_from_an_official_checkpoint_needs_vocab_and_heads(tmp_path, capsys, official, monkeypatch):
+    words = ["[PAD]"] + [f"w{i}" for i in range(1, 100)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"v{i}" for i in range(24)]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    torch.save(official["state_dict"], tmp_path / "plain.pt")  # no hyper-parameters: 2 heads of 32 cannot be read
+    flags = QUICK + ["--steps", "1", "--eval-clips", "4", "--vocab", str(tmp_path / "vocab.txt")]
+    code, _, err = run_cli(flags + ["--init", str(tmp_path / "plain.pt"), "--out", str(tmp_path / "a")], capsys)
+    assert code == 1 and "--heads" in err
+    code, out, err = run_cli(flags + ["--init", str(tmp_path / "plain.pt"), "--heads", "2", "--frames", "2", "--out",
+                                      str(tmp_path / "b")], capsys)
+    assert code == 0, err
+    ckpt = ckpt_of(tmp_path / "b")
+    assert ckpt["config"]["frames"] == 2 and ckpt["config"]["heads"] == 2 and ckpt["preprocess"] == "official"
+    assert ckpt["model"]["video_embed.temporal"].shape == (1, 2, 64)  # the official 4 frames, cropped to 2
+    lightning = lightning_checkpoint(tmp_path / "official.ckpt", monkeypatch, state_dict=official["state_dict"],
+                                     hyper_parameters=dict(config=dict(num_heads=2)))
+    code, _, err = run_cli(QUICK + ["--init", str(lightning), "--out", str(tmp_path / "c")], capsys)
+    assert code == 1 and "needs its BERT vocabulary, --vocab" in err
+
+
+def test_crafted_checkpoints_run_no_code_through_the_command_line(tmp_path, capsys):
+    marker = tmp_path / "marker"
+    for via in ("exec", "system"):
+        code, _, err = run_cli(QUICK + ["--init", str(craft(tmp_path / f"{via}.pt", marker, via)), "--out",
+                                        str(tmp_path / "o")], capsys)
+        assert code == 1 and "error: --init" in err and not marker.exists(), err
+    (tmp_path / "r").mkdir()
+    craft(tmp_path / "r" / "ckpt.pt", marker)
+    code, _, err = run_cli(QUICK + ["--resume", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "not a train_tiny.py checkpoint" in err and not marker.exists()
+
+
 def test_answer_vocabulary_top_n_with_ties_in_a_fixed_order():
     rows = dict(train=[dict(answer=a) for a in ["dog", "cat", "cat", "bird", "ant", "dog", "eel"]])
     opts = tt.Options(task="qa")
-    assert tt.answer_vocabulary(opts, {}, rows) == ["cat", "dog", "ant", "bird", "eel"]
-    assert tt.answer_vocabulary(replace(opts, answers=3), {}, rows) == ["cat", "dog", "ant"]
-    assert tt.answer_vocabulary(opts, {}, None) == tt.ANSWERS
+    assert tt.answer_vocabulary(opts, None, rows) == ["cat", "dog", "ant", "bird", "eel"]
+    assert tt.answer_vocabulary(replace(opts, answers=3), None, rows) == ["cat", "dog", "ant"]
+    assert tt.answer_vocabulary(opts, None, None) == tt.ANSWERS
 
 
-def test_mc_and_qa_objectives_on_known_scores():
-    opts, cfg, text, model, data = tiny_setup("mc")
-    batch = data.batch(0)
-    out = tt.MultipleChoice(model)(batch)
-    with torch.no_grad():  # by hand: every (clip, option) pair's score, cross-entropy over each clip's 5
-        scores = torch.stack([model.mc_score(model(batch["video"], batch["options_ids"][:, j], batch["options_mask"][:, j]).pooled)
-                              for j in range(5)], 1)
-    assert torch.allclose(out["loss"], torch.nn.functional.cross_entropy(scores, batch["answer"]), atol=1e-5)
-    assert out["mc_acc"] == (scores.argmax(1) == batch["answer"]).float().mean()
-    opts, cfg, text, model, data = tiny_setup("qa")
-    batch = data.batch(0)
-    answers = [tt.ANSWERS[a] for a in batch["answer"]]
-    kinds = [list(tt.QUESTIONS)[list(data.question_ids.tolist()).index(q.tolist())] for q in batch["question_ids"]]
-    assert all(a in (tt.COLOURS if k == "colour" else tt.SHAPES if k == "shape" else tt.MOTIONS) for a, k in zip(answers, kinds))
-    assert tt.OpenQA(model)(batch)["loss"] > 0
-
-
-# --- training runs: checkpoints, resume, the run folder, the NaN guard ------------------------------------------------
-
-
-def ckpt_of(folder):
-    return load_checkpoint(Path(folder) / "ckpt.pt")
+# --- checkpoints, the run folder, the other entry points -------------------------------------------------------------
 
 
 def test_save_atomic_keeps_the_previous_checkpoint_when_interrupted(tmp_path, monkeypatch):
@@ -885,38 +1134,6 @@ def test_save_atomic_keeps_the_previous_checkpoint_when_interrupted(tmp_path, mo
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
 
-def test_resume_with_non_default_options_gives_identical_weights(tmp_path):
-    torch.set_num_threads(1)
-    flags = QUICK + ["--temporal", "none", "--lr", "3e-3", "--seed", "5", "--eval-every", "2"]
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    tt.train(tt.parse_options(flags + ["--steps", "6", "--out", str(straight)]))
-    tt.train(tt.parse_options(flags + ["--steps", "3", "--out", str(split)]))
-    tt.train(tt.parse_options(["--steps", "6", "--out", str(split), "--resume"]))  # the rest comes from the checkpoint
-    a, b = ckpt_of(straight), ckpt_of(split)
-    assert a["step"] == b["step"] == 6 and b["config"]["temporal"] == "none" and b["options"]["lr"] == 3e-3
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert a["tokenizer"] == b["tokenizer"] and a["config"] == b["config"] and a["scaler"] == b["scaler"] == {}
-    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [2, 4, 6]
-    for key in ("vtm_acc", "vtm_acc_temporal", "mlm_acc", "t2v_r1", "t2v_r10", "t2v_medr", "v2t_r5", "mc_acc",
-                "clips", "captions", "clips_per_s", "wall_s"):
-        assert key in rows[-1]
-    # the checkpoint is self-contained: model, tokenizer, config
-    model = AllInOne(Config(**a["config"]))
-    model.load_state_dict(a["model"])
-    assert tt.Tokenizer.from_str(a["tokenizer"]).encode("a red circle appears").ids[0] == 2  # [CLS]
-
-
-def test_resume_refuses_a_flag_that_would_change_the_run(tmp_path, capsys):
-    tt.train(tt.parse_options(QUICK + ["--steps", "2", "--out", str(tmp_path)]))
-    code, _, err = run_cli(["--resume", "--out", str(tmp_path), "--steps", "4", "--batch", "16"], capsys)
-    assert code == 2 and "--batch 16 differs from the checkpoint's 8" in err and "--steps" in err
-    code, _, err = run_cli(["--resume", "--out", str(tmp_path), "--temporal", "flatten"], capsys)
-    assert code == 2 and "--temporal 'flatten' differs from the checkpoint's 'roll'" in err
-    code, out, _ = run_cli(["--resume", "--out", str(tmp_path), "--steps", "3", "--log-every", "5", "--workers", "0"], capsys)
-    assert code == 0 and ckpt_of(tmp_path)["step"] == 3
-
-
 def test_an_existing_run_is_never_overwritten(tmp_path, capsys):
     tt.train(tt.parse_options(QUICK + ["--steps", "3", "--out", str(tmp_path)]))
     before = (tmp_path / "ckpt.pt").read_bytes()
@@ -931,7 +1148,6 @@ def test_an_existing_run_is_never_overwritten(tmp_path, capsys):
 
 
 def test_a_second_run_on_the_same_folder_is_refused_and_a_killed_run_leaves_no_lock(tmp_path):
-    import signal
     cmd = [sys.executable, str(HERE / "train_tiny.py"), *QUICK, "--steps", "100000", "--out", str(tmp_path)]
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     for line in first.stdout:
@@ -972,6 +1188,21 @@ def test_crash_in_evaluation_leaves_the_steps_checkpoint(tmp_path, monkeypatch):
     assert ckpt_of(tmp_path)["step"] == 2
 
 
+def test_ctrl_c_saves_a_checkpoint_to_resume_from(tmp_path):
+    cmd = [sys.executable, str(HERE / "train_tiny.py"), *QUICK, "--steps", "100000", "--out", str(tmp_path)]
+    # a shell's background job ignores Ctrl-C, and its children inherit that: give the run the default handling
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for line in proc.stdout:  # wait until it trains
+        if line.startswith("step     3/"):
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted at step" in rest
+    ckpt = ckpt_of(tmp_path)
+    assert ckpt["step"] >= 3 and f"interrupted at step {ckpt['step']}" in rest
+
+
 def test_eval_only_writes_metrics_and_no_checkpoint(tmp_path, capsys):
     run = tmp_path / "run"
     tt.train(tt.parse_options(QUICK + ["--steps", "2", "--out", str(run)]))
@@ -981,7 +1212,8 @@ def test_eval_only_writes_metrics_and_no_checkpoint(tmp_path, capsys):
     rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["eval_only"] and rows[-1]["clips"] == 8 and rows[-1]["step"] == 2 and "t2v_medr" in out
     for _ in range(2):  # evaluations may share a folder
-        code, out, err = run_cli(["--eval-only", "--init", str(run / "ckpt.pt"), "--out", str(tmp_path / "ev")], capsys)
+        code, out, err = run_cli(["--eval-only", "--init", str(run / "ckpt.pt"), "--out", str(tmp_path / "ev"),
+                                  "--eval-clips", "16"], capsys)
         assert code == 0, err
     assert not (tmp_path / "ev" / "ckpt.pt").exists() and not list((tmp_path / "ev").glob("*.pt"))  # no optimizer state
     rows = [json.loads(r) for r in (tmp_path / "ev" / "metrics.jsonl").read_text().splitlines()]
@@ -990,88 +1222,15 @@ def test_eval_only_writes_metrics_and_no_checkpoint(tmp_path, capsys):
     assert code == 1 and "holds a run (metrics.jsonl)" in err  # but a training run does not share it
 
 
-def test_crafted_checkpoints_run_no_code_through_the_command_line(tmp_path, capsys):
-    marker = tmp_path / "marker"
-    for via in ("exec", "system"):
-        code, _, err = run_cli(QUICK + ["--init", str(craft(tmp_path / f"{via}.pt", marker, via)), "--out",
-                                        str(tmp_path / "o")], capsys)
-        assert code == 1 and "error: --init" in err and not marker.exists(), err
-    (tmp_path / "r").mkdir()
-    craft(tmp_path / "r" / "ckpt.pt", marker)
-    code, _, err = run_cli(QUICK + ["--resume", "--out", str(tmp_path / "r")], capsys)
-    assert code == 2 and "not a train_tiny.py checkpoint" in err and not marker.exists()
-
-
-def test_init_from_an_official_checkpoint_needs_vocab_and_heads(tmp_path, capsys, official, monkeypatch):
-    words = ["[PAD]"] + [f"w{i}" for i in range(1, 100)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"v{i}" for i in range(24)]
-    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
-    torch.save(official["state_dict"], tmp_path / "plain.pt")  # no hyper-parameters: 2 heads of 32 cannot be read
-    flags = QUICK + ["--steps", "1", "--eval-clips", "4", "--vocab", str(tmp_path / "vocab.txt")]
-    code, _, err = run_cli(flags + ["--init", str(tmp_path / "plain.pt"), "--out", str(tmp_path / "a")], capsys)
-    assert code == 1 and "--heads" in err
-    code, out, err = run_cli(flags + ["--init", str(tmp_path / "plain.pt"), "--heads", "2", "--frames", "2", "--out",
-                                      str(tmp_path / "b")], capsys)
-    assert code == 0, err
-    ckpt = ckpt_of(tmp_path / "b")
-    assert ckpt["config"]["frames"] == 2 and ckpt["config"]["heads"] == 2 and ckpt["preprocess"] == "official"
-    assert ckpt["model"]["video_embed.temporal"].shape == (1, 2, 64)  # the official 4 frames, cropped to 2
-    lightning = lightning_checkpoint(tmp_path / "official.ckpt", monkeypatch, state_dict=official["state_dict"],
-                                     hyper_parameters=dict(config=dict(num_heads=2)))
-    code, _, err = run_cli(QUICK + ["--init", str(lightning), "--out", str(tmp_path / "c")], capsys)
-    assert code == 1 and "needs its BERT vocabulary, --vocab" in err
-
-
-def test_bad_options_give_one_clear_message(tmp_path, capsys):
-    cases = [
-        (["--bogus"], "unrecognized arguments: --bogus"),
-        (["--temporal", "shift"], "--temporal must be roll, none or flatten"),
-        (["--task", "vqa"], "--task must be pretrain, mc or qa"),
-        (["--steps", "0"], "--steps must be at least 1"),
-        (["--eval-every", "0"], "--eval-every must be at least 1"),
-        (["--log-every", "0"], "--log-every must be at least 1"),
-        (["--ckpt-every", "-1"], "--ckpt-every must be at least 1"),
-        (["--batch", "ten"], "invalid int value"),
-        (["--temperature", "0"], "--temperature must be a positive number"),
-        (["--lr", "-1"], "--lr must be a positive number"),
-        (["--lr", "nan"], "--lr must be a positive number"),
-        (["--lr", "inf"], "--lr must be a positive number"),
-        (["--weight-decay", "nan"], "--weight-decay must be 0 or more"),
-        (["--dropout", "2"], "--dropout must be in [0, 1)"),
-        (["--curriculum", "1.5"], "--curriculum must be between 0 and 1"),
-        (["--val-share", "1"], "--val-share must be between 0 and 1"),
-        (["--data", "no/such.csv"], "--data no/such.csv: no such file"),
-        (["--vocab", str(tmp_path)], f"--vocab {tmp_path}: no such file"),
-        (["--init", "x.ckpt"], "--init x.ckpt: no such file"),
-        (["--eval-only"], "--eval-only needs a model"),
-        (["--resume", "--out", str(tmp_path / "none")], "--resume: no checkpoint at"),
-    ]
-    for argv, message in cases:
-        code, _, err = run_cli(argv, capsys)
-        assert code == 2 and message in err and "Traceback" not in err, (argv, err)
-    for argv, message in [(["--fold-div", "1"], "cannot build the model: temporal rolling needs"),
-                          (["--frames", "1", "--temporal", "roll", "--fold-div", "20"], "cannot build the model")]:
-        code, _, err = run_cli(QUICK + argv + ["--out", str(tmp_path / "x")], capsys)
-        assert code == 1 and message in err and "Traceback" not in err, (argv, err)
-
-
-def test_readme_commands_parse():
-    """Every `python train_tiny.py ...` command in the README takes only options that exist."""
-    readme = (HERE / "README.md").read_text()
-    commands = [line.split("train_tiny.py", 1)[1].split("#")[0].split() for line in readme.splitlines()
-                if line.strip().startswith(("python train_tiny.py", "torchrun")) and "train_tiny.py" in line]
-    assert len(commands) >= 8
-    known = {"--" + f.name.replace("_", "-") for f in tt.dataclasses.fields(tt.Options)} | {"--help"}
-    for argv in commands:
-        flags = [a.split("=")[0] for a in argv if a.startswith("--")]
-        assert set(flags) <= known, (argv, set(flags) - known)
-
-
 def test_samples_png(tmp_path):
-    tt.train(tt.parse_options(["--samples", "3", "--out", str(tmp_path)]))
+    tt.write_samples(tt.parse_options(["--samples", "3", "--out", str(tmp_path)]))
     with av.open(str(tmp_path / "samples.png")) as c:
         frame = next(c.decode(video=0))
     assert (frame.width, frame.height) == (4 * 4 * 33, 3 * 4 * 32)  # 4 frames and a line after each
     assert len((tmp_path / "samples.txt").read_text().splitlines()) == 3
+
+
+# --- several processes -----------------------------------------------------------------------------------------------
 
 
 def test_two_processes_compute_what_one_process_computes(tmp_path):
@@ -1096,62 +1255,7 @@ def test_two_processes_compute_what_one_process_computes(tmp_path):
         assert torch.allclose(a["model"][k], b["model"][k], atol=5e-5), k
 
 
-# =====================================================================================================================
-# Real clips: load_clip with PyAV, data files, a run that survives bad files
-# Each test video shows its frame index as a 4x4 grid of black/white cells (bit j = cell j), so a test can read
-# which frame load_clip returned.
-
-from fractions import Fraction  # noqa: E402
-
-import av  # noqa: E402
-
-PORTRAIT = [0, 65536, 0, -65536, 0, 0, 0, 0, 1 << 30]  # a phone filmed upright: the display matrix turns it 90°
-
-
-def draw_index(i, w, h):
-    img = np.full((h, w, 3), 128, np.uint8)
-    m = min(w, h)
-    c, y0, x0 = m // 4, (h - m) // 2, (w - m) // 2
-    for j in range(16):
-        r, q = divmod(j, 4)
-        img[y0 + r * c: y0 + (r + 1) * c, x0 + q * c: x0 + (q + 1) * c] = 255 * ((i >> j) & 1)
-    return img
-
-
-def read_index(frame):  # (3, s, s) in [-1, 1] -> the frame index drawn in it
-    g = frame.mean(0).numpy()
-    c = g.shape[0] / 4
-    bits = [g[int((r + 0.3) * c): int((r + 0.7) * c), int((q + 0.3) * c): int((q + 0.7) * c)].mean() > 0
-            for r in range(4) for q in range(4)]
-    return sum(b << j for j, b in enumerate(bits))
-
-
-def indices(clip):
-    return [read_index(f) for f in clip]
-
-
-def make_video(path, n=60, w=64, h=48, codec="libx264", times=None, matrix=None, gop=10, options=None, draw=draw_index,
-               pix_fmt="yuv420p", codec_options=None):
-    """n frames at 30 fps, or at `times` (seconds: a variable frame rate)."""
-    with av.open(str(path), "w", options=options or {}) as out:
-        s = out.add_stream(codec, rate=30, options=codec_options or {})
-        s.width, s.height, s.pix_fmt = w, h, pix_fmt
-        s.codec_context.gop_size = gop
-        if times is not None:
-            s.codec_context.time_base = Fraction(1, 1000)
-        if matrix is not None:
-            s.set_display_matrix(matrix)
-        for i in range(n):
-            f = av.VideoFrame.from_ndarray(draw(i, w, h), format="rgb24")
-            if times is not None:
-                f.pts, f.time_base = round(times[i] * 1000), Fraction(1, 1000)
-            out.mux(s.encode(f))
-        out.mux(s.encode())
-    return path
-
-
-def middles(n, t):  # the segment middles, written out independently of train_tiny.segment_frames
-    return [(k * n // t + max(k * n // t, (k + 1) * n // t - 1)) // 2 for k in range(t)]
+# --- real clips: frames, as ours and as an official checkpoint saw them ----------------------------------------------
 
 
 @pytest.mark.parametrize("codec, ext", [("libx264", "mp4"), ("mpeg4", "mp4"), ("libx264", "mkv"), ("libx264", "ts"),
@@ -1217,113 +1321,14 @@ def test_shape_range_and_centre_crop(tmp_path, w, h):
     assert clip[:, :, 2:-2, [0, 1, -2, -1]].abs().mean() > 0.8  # the grey margins were cropped away
 
 
-def make_bad_files(folder):
-    good = make_video(folder / "good.mp4", n=30).read_bytes()
-    (folder / "empty.mp4").write_bytes(b"")
-    (folder / "truncated.mp4").write_bytes(good[: len(good) // 2])
-    (folder / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(5000))
-    fast = make_video(folder / "fast.mp4", n=30, options={"movflags": "faststart"}).read_bytes()
-    (folder / "cut_faststart.mp4").write_bytes(fast[: len(fast) // 2])  # header intact, frames cut off
-    with av.open(str(folder / "audio_only.m4a"), "w") as out:
-        s = out.add_stream("aac", rate=16000)
-        for i in range(10):
-            f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-            f.sample_rate, f.pts = 16000, i * 1024
-            out.mux(s.encode(f))
-        out.mux(s.encode())
-    return ["missing.mp4", "empty.mp4", "truncated.mp4", "corrupt.mp4", "cut_faststart.mp4", "audio_only.m4a"]
-
-
 def test_every_kind_of_bad_file_raises_clip_error_naming_it(tmp_path):
-    for name in make_bad_files(tmp_path):
-        with pytest.raises(tt.ClipError, match=name):
+    reasons = ["No such file", "Invalid data", "Invalid data", "Invalid data", r"truncated \(1 of 30 frames\)",
+               "no video stream"]
+    for name, reason in zip(make_bad_files(tmp_path), reasons):
+        with pytest.raises(tt.ClipError, match=f"cannot load .*{name}: {reason}"):
             tt.load_clip(tmp_path / name, 4, 32)
     with pytest.raises(tt.ClipError, match=r"good.mp4.*no video frames in \[5.0, 6.0\)"):
         tt.load_clip(tmp_path / "good.mp4", 4, 32, start=5.0, end=6.0)
-    assert issubclass(tt.ClipError, ValueError)
-
-
-def test_data_file_errors_name_the_line(tmp_path):
-    (tmp_path / "ok.csv").write_text('video,caption,start,end\na.mp4,"a cat, sitting",,\nb.mp4,a dog,1.5,3\n')
-    kind, rows = tt.read_rows(tmp_path / "ok.csv")
-    assert kind == "captions" and rows[0] == dict(video=str(tmp_path / "a.mp4"), caption="a cat, sitting", start=None, end=None)
-    assert rows[1]["start"] == 1.5 and rows[1]["end"] == 3.0
-    assert tt.read_rows(tmp_path / "ok.csv", video_root="/videos")[1][0]["video"] == "/videos/a.mp4"
-    (tmp_path / "bom.csv").write_bytes("\ufeffvideo,caption\na.mp4,un café\n".encode("utf-8"))
-    assert tt.read_rows(tmp_path / "bom.csv")[1][0]["caption"] == "un café"  # a byte-order mark is fine
-    (tmp_path / "upper.JSONL").write_text('{"video": "a.mp4", "caption": "x"}\n')
-    assert tt.read_rows(tmp_path / "upper.JSONL")[1][0]["caption"] == "x"
-    kind, rows = tt.read_rows(write(tmp_path / "mc.csv", 'video,options,answer\na.mp4,"[""a cat"", ""a dog""]",1\n'))
-    assert kind == "mc" and rows[0]["options"] == ["a cat", "a dog"] and rows[0]["answer"] == 1
-    kind, rows = tt.read_rows(write(tmp_path / "qa.jsonl", '{"video": "a.mp4", "question": "what is it?", "answer": "cat"}\n'))
-    assert kind == "qa" and rows[0]["answer"] == "cat" and rows[0]["type"] == ""
-    bad = {
-        "nocaption.csv": ("video,caption\na.mp4,a cat\nb.mp4,\n", "nocaption.csv line 3: empty caption"),
-        "novideo.jsonl": ('{"video": "a.mp4", "caption": "x"}\n{"caption": "y"}\n', "novideo.jsonl line 2: no 'video'"),
-        "notjson.jsonl": ('{"video": "a.mp4", "caption": "x"}\n\n{oops\n', "notjson.jsonl line 3: not JSON"),
-        "times.csv": ("video,caption,start,end\na.mp4,x,4,2\n", "times.csv line 2: start 4.0 is not before end 2.0"),
-        "seconds.csv": ("video,caption,start\na.mp4,x,soon\n", "seconds.csv line 2: start and end must be seconds"),
-        "outside.jsonl": ('{"video": "a", "options": ["x", "y"], "answer": 0}\n{"video": "b", "options": ["x", "y"], "answer": 2}\n',
-                          r"outside.jsonl line 2: answer 2 is outside its 2 options"),
-        "notalist.csv": ('video,options,answer\na.mp4,a cat,0\n', "notalist.csv line 2: options must be a JSON list"),
-        "noindex.jsonl": ('{"video": "a", "options": ["x", "y"], "answer": "x"}\n', "noindex.jsonl line 1: answer must be the index"),
-        "noanswer.csv": ("video,question,answer\na.mp4,what?,cat\nb.mp4,who?,\n", "noanswer.csv line 3: empty answer"),
-        "noquestion.jsonl": ('{"video": "a", "question": "what?", "answer": "x"}\n{"video": "a", "question": "", "answer": "x"}\n',
-                             "noquestion.jsonl line 2: empty question"),
-        "empty.csv": ("video,caption\n", "empty.csv: no rows"),
-    }
-    for name, (content, message) in bad.items():
-        with pytest.raises(tt.BadInput, match=message):
-            tt.read_rows(write(tmp_path / name, content))
-    (tmp_path / "latin1.csv").write_bytes("video,caption\na.mp4,ok\nb.mp4,un caf\xe9\n".encode("latin-1"))
-    with pytest.raises(tt.BadInput, match=r"latin1.csv line 3: not UTF-8 \(byte 0xe9\)"):
-        tt.read_rows(tmp_path / "latin1.csv")
-
-
-def write(path, content):
-    path.write_text(content)
-    return path
-
-
-def test_training_on_a_folder_with_bad_files_finishes_and_reports_them(tmp_path, capsys):
-    bad = make_bad_files(tmp_path)
-    for i in range(8):
-        make_video(tmp_path / f"clip{i}.mp4", n=12, w=40, h=32, codec="mpeg4")
-    rows = [f"clip{i}.mp4,clip number {i} of the set" for i in range(8)] + [f"{name},a broken clip" for name in bad[:3]]
-    (tmp_path / "train.csv").write_text("video,caption\n" + "\n".join(rows) + "\n")
-    (tmp_path / "val.csv").write_text("video,caption\nclip0.mp4,clip number zero\nclip1.mp4,clip number one\n"
-                                      "corrupt.mp4,broken\n")
-    argv = ["--data", str(tmp_path / "train.csv"), "--val-data", str(tmp_path / "val.csv"), "--preset", "nano",
-            "--batch", "4", "--vtm-clips", "4", "--mlm-clips", "2", "--steps", "4", "--log-every", "1",
-            "--workers", "1", "--max-bad-share", "0.6", "--out", str(tmp_path / "out"), "--device", "cpu"]
-    last = tt.train(tt.parse_options(argv))
-    out = capsys.readouterr().out
-    assert out.count("warning: skipped") == len(set(out.split("warning: skipped")[1:]))  # each file once
-    assert "corrupt.mp4" in out and last["skipped_clips"] >= 1 and last["step"] == 4
-    assert "vtm_acc" in last and "mc_acc" not in last  # no time-word variants for your own captions
-    # too many failures stop the run with examples
-    (tmp_path / "bad.csv").write_text("video,caption\n" + "\n".join(f"{n},x" for n in bad) + "\nclip0.mp4,ok\n")
-    with pytest.raises(tt.BadInput, match="failed to load"):
-        tt.train(tt.parse_options(argv[:1] + [str(tmp_path / "bad.csv")] + argv[2:] + ["--max-bad-share", "0.1", "--restart"]))
-
-
-def test_ctrl_c_saves_a_checkpoint_to_resume_from(tmp_path):
-    import signal
-    cmd = [sys.executable, str(HERE / "train_tiny.py"), *QUICK, "--steps", "100000", "--out", str(tmp_path)]
-    # a shell's background job ignores Ctrl-C, and its children inherit that: give the run the default handling
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    for line in proc.stdout:  # wait until it trains
-        if line.startswith("step     3/"):
-            break
-    proc.send_signal(signal.SIGINT)
-    rest, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "interrupted at step" in rest
-    ckpt = ckpt_of(tmp_path)
-    assert ckpt["step"] >= 3 and f"interrupted at step {ckpt['step']}" in rest
-
-
-# --- frames as an official checkpoint saw them; images --------------------------------------------------------------
 
 
 def test_resize_like_pillow_matches_pillow():
@@ -1380,12 +1385,79 @@ def test_an_image_is_a_clip_of_one_repeated_frame(tmp_path, codec, ext, pix_fmt)
     assert tt.load_clip(path, 3, 32, preprocess="official").shape == (3, 3, 32, 32)
 
 
-# --- your own videos: clip-level evaluation, zero-shot multiple choice, fine-tuning --------------------------------------
+# --- your own videos: data files, training through bad files, evaluation by clip, fine-tuning ------------------------
 
 
-def make_clips(folder, n, frames=12):
-    return [make_video(folder / f"clip{i}.mp4", n=frames, w=40, h=32, codec="mpeg4", draw=lambda j, w, h, i=i: draw_index(
-        (i * 977 + j * 131) % 65536, w, h)).name for i in range(n)]
+def test_data_file_errors_name_the_line(tmp_path):
+    (tmp_path / "ok.csv").write_text('video,caption,start,end\na.mp4,"a cat, sitting",,\nb.mp4,a dog,1.5,3\n')
+    kind, rows = tt.read_rows(tmp_path / "ok.csv")
+    assert kind == "captions" and rows[0] == dict(video=str(tmp_path / "a.mp4"), caption="a cat, sitting", start=None, end=None)
+    assert rows[1]["start"] == 1.5 and rows[1]["end"] == 3.0
+    assert tt.read_rows(tmp_path / "ok.csv", video_root="/videos")[1][0]["video"] == "/videos/a.mp4"
+    (tmp_path / "bom.csv").write_bytes("\ufeffvideo,caption\na.mp4,un café\n".encode("utf-8"))
+    assert tt.read_rows(tmp_path / "bom.csv")[1][0]["caption"] == "un café"  # a byte-order mark is fine
+    (tmp_path / "upper.JSONL").write_text('{"video": "a.mp4", "caption": "x"}\n')
+    assert tt.read_rows(tmp_path / "upper.JSONL")[1][0]["caption"] == "x"
+    kind, rows = tt.read_rows(write(tmp_path / "mc.csv", 'video,options,answer\na.mp4,"[""a cat"", ""a dog""]",1\n'))
+    assert kind == "mc" and rows[0]["options"] == ["a cat", "a dog"] and rows[0]["answer"] == 1
+    kind, rows = tt.read_rows(write(tmp_path / "qa.jsonl", '{"video": "a.mp4", "question": "what is it?", "answer": "cat"}\n'))
+    assert kind == "qa" and rows[0]["answer"] == "cat" and rows[0]["type"] == ""
+    bad = {
+        "nocaption.csv": ("video,caption\na.mp4,a cat\nb.mp4,\n", "nocaption.csv line 3: empty caption"),
+        "novideo.jsonl": ('{"video": "a.mp4", "caption": "x"}\n{"caption": "y"}\n', "novideo.jsonl line 2: no 'video'"),
+        "notjson.jsonl": ('{"video": "a.mp4", "caption": "x"}\n\n{oops\n', "notjson.jsonl line 3: not JSON"),
+        "times.csv": ("video,caption,start,end\na.mp4,x,4,2\n", "times.csv line 2: start 4.0 is not before end 2.0"),
+        "seconds.csv": ("video,caption,start\na.mp4,x,soon\n", "seconds.csv line 2: start and end must be seconds"),
+        "outside.jsonl": ('{"video": "a", "options": ["x", "y"], "answer": 0}\n{"video": "b", "options": ["x", "y"], "answer": 2}\n',
+                          r"outside.jsonl line 2: answer 2 is outside its 2 options"),
+        "notalist.csv": ('video,options,answer\na.mp4,a cat,0\n', "notalist.csv line 2: options must be a JSON list"),
+        "noindex.jsonl": ('{"video": "a", "options": ["x", "y"], "answer": "x"}\n', "noindex.jsonl line 1: answer must be the index"),
+        "noanswer.csv": ("video,question,answer\na.mp4,what?,cat\nb.mp4,who?,\n", "noanswer.csv line 3: empty answer"),
+        "noquestion.jsonl": ('{"video": "a", "question": "what?", "answer": "x"}\n{"video": "a", "question": "", "answer": "x"}\n',
+                             "noquestion.jsonl line 2: empty question"),
+        "empty.csv": ("video,caption\n", "empty.csv: no rows"),
+    }
+    for name, (content, message) in bad.items():
+        with pytest.raises(tt.BadInput, match=message):
+            tt.read_rows(write(tmp_path / name, content))
+    (tmp_path / "latin1.csv").write_bytes("video,caption\na.mp4,ok\nb.mp4,un caf\xe9\n".encode("latin-1"))
+    with pytest.raises(tt.BadInput, match=r"latin1.csv line 3: not UTF-8 \(byte 0xe9\)"):
+        tt.read_rows(tmp_path / "latin1.csv")
+
+
+def test_training_on_a_folder_with_bad_files_finishes_and_reports_them(tmp_path, capsys):
+    bad = make_bad_files(tmp_path)
+    for i in range(8):
+        make_video(tmp_path / f"clip{i}.mp4", n=12, w=40, h=32, codec="mpeg4")
+    rows = [f"clip{i}.mp4,clip number {i} of the set" for i in range(8)] + [f"{name},a broken clip" for name in bad[:3]]
+    (tmp_path / "train.csv").write_text("video,caption\n" + "\n".join(rows) + "\n")
+    (tmp_path / "val.csv").write_text("video,caption\nclip0.mp4,clip number zero\nclip1.mp4,clip number one\n"
+                                      "corrupt.mp4,broken\n")
+    argv = ["--data", str(tmp_path / "train.csv"), "--val-data", str(tmp_path / "val.csv"), "--preset", "nano",
+            "--batch", "4", "--vtm-clips", "4", "--mlm-clips", "2", "--steps", "4", "--log-every", "1",
+            "--workers", "1", "--max-bad-share", "0.6", "--out", str(tmp_path / "out"), "--device", "cpu"]
+    last = tt.train(tt.parse_options(argv))
+    out = capsys.readouterr().out
+    assert out.count("warning: skipped") == len(set(out.split("warning: skipped")[1:]))  # each file once
+    assert "corrupt.mp4" in out and last["skipped_clips"] >= 1 and last["step"] == 4
+    assert "vtm_acc" in last and "mc_acc" not in last  # no time-word variants for your own captions
+    # too many failures stop the run with examples
+    (tmp_path / "bad.csv").write_text("video,caption\n" + "\n".join(f"{n},x" for n in bad) + "\nclip0.mp4,ok\n")
+    with pytest.raises(tt.BadInput, match="failed to load"):
+        tt.train(tt.parse_options(argv[:1] + [str(tmp_path / "bad.csv")] + argv[2:] + ["--max-bad-share", "0.1", "--restart"]))
+
+
+def test_every_bad_file_is_named_once_when_nothing_loads(tmp_path, capsys):
+    bad = make_bad_files(tmp_path)
+    names = make_clips(tmp_path, 1)
+    write(tmp_path / "bad.csv", "video,caption\n" + "\n".join(f"{n},x" for n in bad * 4) + "\n")
+    write(tmp_path / "val.csv", f"video,caption\n{names[0]},a good clip\n")
+    code, _, err = run_cli(["--data", str(tmp_path / "bad.csv"), "--val-data", str(tmp_path / "val.csv"), "--batch", "4",
+                            "--vtm-clips", "2", "--mlm-clips", "0", "--workers", "0", "--out", str(tmp_path / "o"),
+                            "--device", "cpu"], capsys)
+    assert code == 1 and "failed to load" in err and "6 files in all" in err and "Traceback" not in err
+    named = [name for name in bad if name in err]
+    assert len(named) == 5 and all(err.count(name) == 1 for name in named)
 
 
 def test_held_out_clips_with_several_captions_are_evaluated_by_clip(tmp_path, capsys):
@@ -1397,8 +1469,16 @@ def test_held_out_clips_with_several_captions_are_evaluated_by_clip(tmp_path, ca
     flags = ["--data", str(tmp_path / "train.csv"), "--batch", "4", "--vtm-clips", "4", "--mlm-clips", "2", "--steps", "2",
              "--log-every", "1", "--workers", "0", "--device", "cpu"]
     last = tt.train(tt.parse_options(flags + ["--val-data", str(tmp_path / "val.csv"), "--out", str(tmp_path / "a")]))
-    assert last["clips"] == 2 and last["captions"] == 6 and "vtm_acc" in last and 1 <= last["v2t_medr"] <= 6
-    assert 1 <= last["t2v_medr"] <= 2 and last["t2v_r5"] == 1.0  # 2 clips: the right one is in the top 5
+    assert last["clips"] == 2 and last["captions"] == 6 and "vtm_acc" in last
+    # the same ranks by hand, from the checkpoint: caption i belongs to clip i // 3 (of 2), a clip to its 3 captions
+    model, text = model_of(tmp_path / "a")
+    clips = torch.stack([tt.load_clip(tmp_path / v, model.cfg.frames, model.cfg.image_size) for v in names[4:]])
+    with torch.no_grad():
+        sim = cosine_similarity(model.text_proj(model.encode_text(*text([r.split(",")[1] for r in val])).text[:, 0]),
+                                model.video_proj(model.encode_video(clips).video[:, 0]))
+    hits = torch.arange(6)[:, None] // 3 == torch.arange(2)[None]
+    for direction, ranks in (("t2v", first_hit_ranks(sim, hits)), ("v2t", first_hit_ranks(sim.T, hits.T))):
+        assert {k: last[k] for k in recall_metrics(ranks, direction)} == recall_metrics(ranks, direction)
     # one held-out clip: evaluated, with what needs two left out and said so; the step's checkpoint is on disk
     write(tmp_path / "one.csv", "video,caption\n" + "\n".join(val[:3]) + "\n")
     last = tt.train(tt.parse_options(flags + ["--val-data", str(tmp_path / "one.csv"), "--out", str(tmp_path / "b")]))
@@ -1413,20 +1493,12 @@ def test_held_out_clips_with_several_captions_are_evaluated_by_clip(tmp_path, ca
                               str(tmp_path / "mc.jsonl"), "--out", str(tmp_path / "mc"), "--workers", "0"], capsys)
     assert code == 0, err
     row = json.loads((tmp_path / "mc" / "metrics.jsonl").read_text())
-    assert row["clips"] == 3 and 0 <= row["mc_acc"] <= 1 and "mc_acc" in out
-
-
-def test_every_bad_file_is_named_once_when_nothing_loads(tmp_path, capsys):
-    bad = make_bad_files(tmp_path)
-    names = make_clips(tmp_path, 1)
-    write(tmp_path / "bad.csv", "video,caption\n" + "\n".join(f"{n},x" for n in bad * 4) + "\n")
-    write(tmp_path / "val.csv", f"video,caption\n{names[0]},a good clip\n")
-    code, _, err = run_cli(["--data", str(tmp_path / "bad.csv"), "--val-data", str(tmp_path / "val.csv"), "--batch", "4",
-                            "--vtm-clips", "2", "--mlm-clips", "0", "--workers", "0", "--out", str(tmp_path / "o"),
-                            "--device", "cpu"], capsys)
-    assert code == 1 and "failed to load" in err and "6 files in all" in err and "Traceback" not in err
-    named = [name for name in bad if name in err]
-    assert len(named) == 5 and all(err.count(name) == 1 for name in named)
+    with torch.no_grad():  # by hand: each clip with its 3 options, scored by the VTM match logit; the answer is 0
+        clips = torch.stack([tt.load_clip(tmp_path / v, model.cfg.frames, model.cfg.image_size) for v in names[:3]])
+        ids, mask = text([o for line in mc for o in json.loads(line)["options"]])
+        scores = model.score_options(clips, ids.view(3, 3, -1), mask.view(3, 3, -1))
+    assert row["clips"] == 3 and row["mc_acc"] == strictly_best(scores, torch.zeros(3, dtype=torch.long)).float().mean().item()
+    assert "mc_acc" in out
 
 
 def test_fine_tuning_on_your_files_multiple_choice_and_qa(tmp_path, capsys):
@@ -1444,7 +1516,7 @@ def test_fine_tuning_on_your_files_multiple_choice_and_qa(tmp_path, capsys):
                                       "--out", str(tmp_path / "qa")], capsys)
     assert code == 0, err
     ckpt = ckpt_of(tmp_path / "qa")
-    assert ckpt["answers"] == ["dog", "cat"] or ckpt["answers"] == ["cat", "dog"]
+    assert ckpt["answers"] == ["cat", "dog"]  # as often each: in alphabetical order
     row = json.loads((tmp_path / "qa" / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["qa_unknown_answers"] == 0.5 and row["qa_acc"] <= 0.5 and "qa_acc_what" in row
     # evaluating the fine-tuned checkpoint: task and answers come from it
@@ -1457,16 +1529,6 @@ def test_fine_tuning_on_your_files_multiple_choice_and_qa(tmp_path, capsys):
                                       "--out", str(tmp_path / "mc")], capsys)
     assert code == 0, err
     assert "mc_acc" in json.loads((tmp_path / "mc" / "metrics.jsonl").read_text()) and ckpt_of(tmp_path / "mc")["config"]["mc_head"]
-
-
-def test_a_short_pre_training_then_fine_tuning_beats_chance(tmp_path):
-    torch.set_num_threads(1)
-    flags = ["--log-every", "50", "--device", "cpu"]
-    tt.train(tt.parse_options(flags + ["--steps", "150", "--batch", "64", "--vtm-clips", "16", "--mlm-clips", "4",
-                                       "--eval-every", "150", "--eval-clips", "16", "--out", str(tmp_path / "pre")]))
-    last = tt.train(tt.parse_options(flags + ["--task", "qa", "--init", str(tmp_path / "pre" / "ckpt.pt"), "--steps", "40",
-                                              "--eval-clips", "64", "--out", str(tmp_path / "qa")]))
-    assert last["qa_acc_colour"] > 0.5  # chance 1/4
 
 
 README_EXAMPLE_FILES = {"all-in-one-base.ckpt", "vocab.txt", "video.mp4"}

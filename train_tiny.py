@@ -1,7 +1,7 @@
 """
-Train All-in-One (allinone.py) in minutes: synthetic clips by default, your own videos with --data.
+Train All-in-One (allinone.py) in minutes: on synthetic clips by default, on your own videos with --data.
 
-    python train_tiny.py                              # pre-train on synthetic clips; ~8 min on a 2-core CPU
+    python train_tiny.py                              # pre-train on synthetic clips (README: how long, what it prints)
     python train_tiny.py --temporal none              # the rolling ablation: roll (paper) | none | flatten
     python train_tiny.py --ablation                   # all three modes at the same budget, one table
     python train_tiny.py --task qa --init out/tiny/ckpt.pt --out out/qa    # fine-tune: open-ended QA (or --task mc)
@@ -10,11 +10,11 @@ Train All-in-One (allinone.py) in minutes: synthetic clips by default, your own 
     torchrun --nproc_per_node=4 train_tiny.py ...     # the same loop on several GPUs (DDP)
 
 The synthetic clips show one coloured shape that moves left, right, up or down, appears or disappears. Colour and
-shape can be read from any single frame; the motion only from the order of the frames. The held-out set is new
-renders (new positions, sizes, speeds, backgrounds and noise) from a seed never used in training.
+shape can be read from any single frame; the motion only from the order of the frames.
 
-Reading order: options; the synthetic world; tokens; the objectives of the three tasks; the synthetic data; the
-training loop; evaluation; checkpoints and the run folder; then, for --data only, real clips decoded with PyAV.
+Read from main() down: options, the synthetic world, tokens, the objectives, the synthetic data, the training loop,
+evaluation. Below the banner (=====) is the toolbox the run calls by name: option checks, start points, the run
+folder, devices, DDP, and the real-clip path (PyAV, data files).
 """
 
 import argparse
@@ -36,6 +36,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import av
 import numpy as np
@@ -43,22 +44,17 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from allinone import (
-    HEADS, PRESETS, AllInOne, Config, contrastive_loss, cosine_similarity, load_checkpoint, mlm_loss, mlm_mask,
-    vtm_batch, vtm_loss,
+    HEADS, PRESETS, AllInOne, Config, contrastive_loss, cosine_similarity, first_hit_ranks, load_checkpoint, mlm_loss,
+    mlm_mask, recall_metrics, strictly_best, vtm_batch, vtm_loss,
 )
 
 # -----------------------------------------------------------------------------
-# Options: every command-line flag comes from this dataclass
-
-
-class BadInput(ValueError):
-    """Bad input: the message names the flag, the file or the line; the command line prints it alone and exits 1."""
-
+# Options: every command-line flag is a field here (parse_options, below the banner, checks them)
 
 TASKS = ("pretrain", "mc", "qa")
 TASK_DEFAULTS = {  # options whose default depends on --task: pre-training from scratch, or fine-tuning a start point
@@ -68,158 +64,61 @@ TASK_DEFAULTS = {  # options whose default depends on --task: pre-training from 
 }
 
 
-def opt(default, help):
+def option(default, help):
     return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class Options:
     # what to train
-    task: str = opt("pretrain", "pretrain (VTM, MLM, contrastive) | mc (multiple choice) | qa (open-ended QA)")
-    preset: str = opt("nano", "model size from allinone.PRESETS (ignored with --init)")
-    frames: int = opt(0, "frames per clip (0: the preset's, or the --init checkpoint's)")
-    image_size: int = opt(0, "frame size in pixels, runs from scratch (0: the preset's)")
-    temporal: str = opt("", "temporal modelling: roll (paper) | none | flatten (default: the --init checkpoint's, else roll)")
-    fold_div: int = opt(0, "rolling moves 1/fold_div of each frame's tokens each way (0: the --init checkpoint's, else 8)")
-    dropout: float = opt(0.0, "dropout in the model")
-    init: str = opt("", "start from a checkpoint: an official one (needs --vocab) or a train_tiny.py ckpt.pt")
-    heads: int = opt(0, "attention heads of an --init state dict whose width is not an official size")
-    vocab: str = opt("", "a BERT vocab.txt (default: a word-level vocabulary of the data)")
-    answers: int = opt(0, "--task qa: the N most frequent training answers are the classes (0: every answer)")
+    task: str = option("pretrain", "pretrain (VTM, MLM, contrastive) | mc (multiple choice) | qa (open-ended QA)")
+    preset: str = option("nano", "model size from allinone.PRESETS (ignored with --init)")
+    frames: int = option(0, "frames per clip (0: the preset's, or the --init checkpoint's)")
+    image_size: int = option(0, "frame size in pixels, runs from scratch (0: the preset's)")
+    temporal: str = option("", "roll (the paper) | none | flatten (default: the --init checkpoint's, else roll)")
+    fold_div: int = option(0, "rolling moves 1/fold_div of each frame's tokens each way (0: --init's, else 8)")
+    dropout: float = option(0.0, "dropout in the model")
+    init: str = option("", "start from a checkpoint: an official one (needs --vocab) or a train_tiny.py ckpt.pt")
+    heads: int = option(0, "attention heads of an --init state dict whose width is not an official size")
+    vocab: str = option("", "a BERT vocab.txt (default: a word-level vocabulary of the data)")
+    answers: int = option(0, "--task qa: the N most frequent training answers are the classes (0: every answer)")
     # how long and how fast
-    steps: int = opt(None, "train until this step (with --resume: continue to it)")
-    horizon: int = opt(None, "steps the learning-rate decay and the mismatch curriculum are laid out over")
-    batch: int = opt(None, "clips per step, over all processes")
-    lr: float = opt(None, "peak learning rate (AdamW)")
-    weight_decay: float = opt(0.01, "AdamW weight decay (of every weight but biases and LayerNorm's, as the official code)")
-    warmup: int = opt(None, "linear warm-up steps, then cosine decay to 10%% over --horizon")
-    clip_grad: float = opt(1.0, "gradient-norm clipping")
-    temperature: float = opt(0.05, "contrastive temperature (official: 0.05)")
-    vtm_clips: int = opt(32, "clips per step in the VTM pass (the contrastive passes take the whole batch)")
-    mlm_clips: int = opt(8, "clips per step in the separate MLM pass (0: no MLM)")
-    curriculum: float = opt(0.75, "share of --horizon whose VTM mismatches mostly differ only in the time words")
-    temporal_negatives: float = opt(0.8, "share of VTM mismatches that differ only in the time words during the "
-                                         "curriculum (after it: half as many)")
-    seed: int = opt(0, "seed of data, initialisation and masking")
+    steps: int = option(None, "train until this step (with --resume: continue to it)")
+    horizon: int = option(None, "steps the learning-rate decay and the mismatch curriculum are laid out over")
+    batch: int = option(None, "clips per step, over all processes")
+    lr: float = option(None, "peak learning rate (AdamW)")
+    weight_decay: float = option(0.01, "AdamW weight decay (not of biases and LayerNorms, as the official code)")
+    warmup: int = option(None, "linear warm-up steps, then cosine decay to 10%% over --horizon")
+    clip_grad: float = option(1.0, "gradient-norm clipping")
+    temperature: float = option(0.05, "contrastive temperature (official: 0.05)")
+    vtm_clips: int = option(32, "clips per step in the VTM pass (the contrastive passes take the whole batch)")
+    mlm_clips: int = option(8, "clips per step in the separate MLM pass (0: no MLM)")
+    curriculum: float = option(0.75, "share of --horizon whose VTM mismatches mostly differ only in the time words")
+    temporal_negatives: float = option(0.8, "share of VTM mismatches differing only in time words (half after "
+                                            "--curriculum)")
+    seed: int = option(0, "seed of data, initialisation and masking")
     # evaluation and output
-    eval_every: int = opt(None, "evaluate on the held-out set every N steps and at the end")
-    eval_clips: int = opt(512, "held-out clips to evaluate on")
-    log_every: int = opt(100, "print a log line every N steps")
-    ckpt_every: int = opt(None, "write OUT/ckpt.pt every N steps (and before each evaluation, at the end, on Ctrl-C)")
-    out: str = opt("out/tiny", "run folder: ckpt.pt, metrics.jsonl; one run per folder")
-    resume: bool = opt(False, "continue the run in --out (its options come from its checkpoint)")
-    restart: bool = opt(False, "start over in an --out that holds a run: its files move to OUT/previous-<time>/")
-    eval_only: bool = opt(False, "evaluate the --resume or --init model, print a table, append to metrics.jsonl")
-    ablation: bool = opt(False, "train roll, none and flatten in turn and print a table")
-    samples: int = opt(0, "write OUT/samples.png with this many training clips and stop")
+    eval_every: int = option(None, "evaluate on the held-out set every N steps and at the end")
+    eval_clips: int = option(512, "held-out clips to evaluate on")
+    log_every: int = option(100, "print a log line every N steps")
+    ckpt_every: int = option(None, "write OUT/ckpt.pt every N steps (and before each evaluation, at the end, Ctrl-C)")
+    out: str = option("out/tiny", "run folder: ckpt.pt, metrics.jsonl; one run per folder")
+    resume: bool = option(False, "continue the run in --out (its options come from its checkpoint)")
+    restart: bool = option(False, "start over in an --out that holds a run: its files move to OUT/previous-<time>/")
+    eval_only: bool = option(False, "evaluate the --resume or --init model, print a table, append to metrics.jsonl")
+    ablation: bool = option(False, "train roll, none and flatten in turn and print a table")
+    samples: int = option(0, "write OUT/samples.png with this many training clips and stop")
     # your data
-    data: str = opt("", "train on your clips: a CSV or JSON-lines file (README: Train on your own videos)")
-    val_data: str = opt("", "held-out clips, same format, or a multiple-choice file (default: --val-share of --data)")
-    val_share: float = opt(0.05, "share of --data's videos held out when no --val-data")
-    video_root: str = opt("", "folder the video paths are relative to (default: the data file's)")
-    preprocess: str = opt("auto", "frames as: ours | official (auto: official for official checkpoints)")
-    workers: int = opt(2, "DataLoader processes decoding clips (0: in the main process)")
-    max_bad_share: float = opt(0.1, "stop when more than this share of clips fail to load")
+    data: str = option("", "train on your clips: a CSV or JSON-lines file (README: Train on your own videos)")
+    val_data: str = option("", "held-out clips, or a multiple-choice file (default: --val-share of --data)")
+    val_share: float = option(0.05, "share of --data's videos held out when no --val-data")
+    video_root: str = option("", "folder the video paths are relative to (default: the data file's)")
+    preprocess: str = option("auto", "frames as: ours | official (auto: official for official checkpoints)")
+    workers: int = option(2, "DataLoader processes decoding clips (0: in the main process)")
+    max_bad_share: float = option(0.1, "stop when more than this share of clips fail to load")
     # the machine
-    device: str = opt("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
-    compile: bool = opt(False, "torch.compile the training step")
-
-
-# What a resumed run may change: nothing that changes its result
-MAY_CHANGE_ON_RESUME = {"steps", "log_every", "eval_every", "ckpt_every", "workers", "device", "compile", "out",
-                        "resume", "eval_only"}
-MAY_CHANGE_TO_EVALUATE = {"val_data", "eval_clips", "video_root"}  # with --eval-only: what to evaluate on
-
-
-def parse_options(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Options):
-        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if f.type is bool:
-            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help)
-        else:
-            default = f.default if f.default is not None else ", ".join(f"{t} {d[f.name]}" for t, d in TASK_DEFAULTS.items())
-            p.add_argument(flag, type=f.type, default=argparse.SUPPRESS,
-                           help=help if f.default == "" else f"{help} (default: {default})")
-    given = vars(p.parse_args(argv))  # only the flags on the command line
-    opts = Options(**given)
-    if opts.resume:
-        opts = resumed_options(p, opts, given)
-    else:
-        if opts.eval_only and opts.init and "task" not in given:  # a fine-tuned checkpoint says what it was tuned for
-            opts.task = trained_task(opts.init)
-        opts = dataclasses.replace(opts, **{k: v for k, v in TASK_DEFAULTS.get(opts.task, {}).items() if k not in given})
-    check_options(p, opts)
-    return opts
-
-
-def resumed_options(p, opts, given):
-    """A resumed run's options are its checkpoint's; a flag that would change the run is an error naming it."""
-    path = Path(opts.out) / "ckpt.pt"
-    if not path.is_file():
-        p.error(f"--resume: no checkpoint at {path}")
-    try:
-        saved = load_checkpoint(path)
-    except ValueError as e:
-        p.error(f"--resume: {e}")
-    if not isinstance(saved, dict) or not isinstance(saved.get("options"), dict):
-        p.error(f"--resume: {path} is not a train_tiny.py checkpoint")
-    saved = saved["options"]
-    fields = {f.name for f in dataclasses.fields(Options)}
-    saved = {k: v for k, v in saved.items() if k in fields}
-    free = MAY_CHANGE_ON_RESUME | (MAY_CHANGE_TO_EVALUATE if opts.eval_only else set())
-    for name, value in given.items():
-        if name not in free and name in saved and value != saved[name]:
-            flag = "--" + name.replace("_", "-")
-            p.error(f"{flag} {value!r} differs from the checkpoint's {saved[name]!r} ({path}): a resumed run keeps its "
-                    f"options; only {', '.join('--' + n.replace('_', '-') for n in sorted(free - {'resume', 'out'}))} "
-                    "may change")
-    return Options(**{**saved, **{k: v for k, v in given.items() if k in free}, "restart": False})
-
-
-def trained_task(path):
-    """The --task a train_tiny.py checkpoint was trained for ("pretrain" for anything else)."""
-    try:
-        return load_checkpoint(path)["options"]["task"]
-    except (ValueError, KeyError, TypeError):
-        return "pretrain"
-
-
-def check_options(p, o):
-    def need(ok, message):
-        if not ok:
-            p.error(message)
-
-    def finite(x):
-        return isinstance(x, (int, float)) and math.isfinite(x)
-
-    need(o.task in TASKS, f"--task must be pretrain, mc or qa, not {o.task!r}")
-    need(o.temporal in ("", "roll", "none", "flatten"), f"--temporal must be roll, none or flatten, not {o.temporal!r}")
-    need(o.preprocess in ("auto", "ours", "official"), f"--preprocess must be auto, ours or official, not {o.preprocess!r}")
-    need(o.device in ("auto", "cuda", "mps", "cpu"), f"--device must be auto, cuda, mps or cpu, not {o.device!r}")
-    for name in ("steps", "horizon", "log_every", "eval_every", "ckpt_every", "eval_clips"):
-        need(getattr(o, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(o, name)}")
-    for name in ("warmup", "workers", "frames", "image_size", "heads", "answers", "samples", "fold_div"):
-        need(getattr(o, name) >= 0, f"--{name.replace('_', '-')} must be 0 or more, got {getattr(o, name)}")
-    need(o.batch >= 2, "--batch must be at least 2 (VTM and multiple choice need two clips)")
-    need(2 <= o.vtm_clips <= o.batch, "--vtm-clips must be between 2 and --batch")
-    need(0 <= o.mlm_clips <= o.batch, "--mlm-clips must be between 0 and --batch")
-    need(finite(o.lr) and o.lr > 0, f"--lr must be a positive number, got {o.lr}")
-    need(finite(o.weight_decay) and o.weight_decay >= 0, f"--weight-decay must be 0 or more, got {o.weight_decay}")
-    need(finite(o.clip_grad) and o.clip_grad > 0, f"--clip-grad must be a positive number, got {o.clip_grad}")
-    need(finite(o.temperature) and o.temperature > 0, f"--temperature must be a positive number, got {o.temperature}")
-    need(finite(o.dropout) and 0 <= o.dropout < 1, f"--dropout must be in [0, 1), got {o.dropout}")
-    for name in ("curriculum", "temporal_negatives", "max_bad_share"):
-        need(finite(getattr(o, name)) and 0 <= getattr(o, name) <= 1,
-             f"--{name.replace('_', '-')} must be between 0 and 1, got {getattr(o, name)}")
-    need(finite(o.val_share) and 0 < o.val_share < 1, f"--val-share must be between 0 and 1, got {o.val_share}")
-    for name in ("data", "val_data", "vocab", "init"):
-        path = getattr(o, name)
-        need(not path or Path(path).is_file(), f"--{name.replace('_', '-')} {path}: no such file")
-    need(not (o.image_size and o.init), "--image-size is for runs from scratch; an --init checkpoint fixes the size")
-    need(not (o.ablation and (o.resume or o.eval_only)), "--ablation starts three fresh runs")
-    need(not (o.resume and o.restart), "--resume continues the run in --out; --restart starts it over: not both")
-    need(not o.eval_only or o.resume or o.init, "--eval-only needs a model: --resume (the run in --out) or --init")
+    device: str = option("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
+    compile: bool = option(False, "torch.compile the training step")
 
 
 # -----------------------------------------------------------------------------
@@ -308,9 +207,10 @@ def render(captions, frames, size, generator):
 
 
 # -----------------------------------------------------------------------------
-# Tokens: a word-level vocabulary for the synthetic grammar, or BERT's WordPiece from a vocab.txt; pixels: normalised
+# Tokens: a word-level vocabulary of the texts, or BERT's WordPiece from a vocab.txt; pixels: normalised
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+SYNTHETIC_TEXTS = [caption_text(i) for i in range(len(CAPTIONS))] + list(QUESTIONS.values())
 
 
 def make_tokenizer(vocab_file, texts):
@@ -331,32 +231,6 @@ def make_tokenizer(vocab_file, texts):
     return tok
 
 
-def texts_of(rows):
-    """The texts of data-file rows: captions, options, questions; without rows, the synthetic grammars' texts."""
-    if rows is None:
-        return [caption_text(i) for i in range(len(CAPTIONS))] + list(QUESTIONS.values())
-    return [t for r in rows for t in [r.get("caption"), r.get("question"), *r.get("options", [])] if t]
-
-
-def read_vocab(path):
-    """A BERT vocab.txt: one token per line, the line number its id; every line a different, non-blank token."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise BadInput(f"--vocab {path}: cannot read it ({e})") from None
-    vocab = {}
-    for n, word in enumerate(lines, 1):
-        if not word.strip():
-            raise BadInput(f"--vocab {path} line {n}: blank (a vocab.txt has one token per line)")
-        if word in vocab:
-            raise BadInput(f"--vocab {path} line {n}: {word!r} again (first on line {vocab[word] + 1})")
-        vocab[word] = n - 1
-    missing = [s for s in SPECIALS if s not in vocab]
-    if missing:
-        raise BadInput(f"--vocab {path} lacks the special tokens {missing}: is it a BERT vocab.txt?")
-    return vocab
-
-
 class Text:
     """Tokenizes texts to (ids, mask) of the batch's longest text, at most max_len tokens."""
 
@@ -366,9 +240,8 @@ class Text:
         self.tok.enable_padding(pad_id=tokenizer.token_to_id("[PAD]"), pad_token="[PAD]")
         self.mask_id = tokenizer.token_to_id("[MASK]")
         self.special_ids = tuple(tokenizer.token_to_id(s) for s in ("[PAD]", "[CLS]", "[SEP]"))
-        vocab = tokenizer.get_vocab()
         pieces = torch.zeros(tokenizer.get_vocab_size(), dtype=torch.bool)  # WordPiece's "##" continuations
-        pieces[[i for w, i in vocab.items() if w.startswith("##")]] = True
+        pieces[[i for w, i in tokenizer.get_vocab().items() if w.startswith("##")]] = True
         self.pieces = pieces if isinstance(tokenizer.model, models.WordPiece) else None
 
     def __call__(self, texts, device="cpu"):
@@ -377,8 +250,8 @@ class Text:
         return ids, torch.tensor([e.attention_mask for e in enc], device=device)
 
     def mask_words(self, ids, mask, vocab_size, generator):
-        """BERT masking (allinone.mlm_mask), of whole words when the vocabulary is WordPiece, as the official
-        pre-training does: a word's "##" pieces are masked with it."""
+        """BERT masking (allinone.mlm_mask), of whole words with a WordPiece vocabulary, as the official pre-training
+        does: a word's "##" pieces are masked with it."""
         continues = None if self.pieces is None else self.pieces.to(ids.device)[ids]
         return mlm_mask(ids, mask, vocab_size, mask_id=self.mask_id, special_ids=self.special_ids, continues=continues,
                         generator=generator)
@@ -399,35 +272,6 @@ def normalize(video, preprocess):
 
 # -----------------------------------------------------------------------------
 # Objectives: one module per task, from a batch to its losses (one forward call, as DistributedDataParallel needs)
-
-
-def strictly_best(scores, index):
-    """(n, k) scores, (n,) indices -> (n,) True where the index's score beats every other: ties and NaN count against
-    the model, so a model that scores everything the same is never right."""
-    own = scores.gather(1, index[:, None])[:, 0]
-    others = scores.scatter(1, index[:, None], -math.inf).max(1).values
-    return own > others
-
-
-class GatherRows(torch.autograd.Function):
-    """Every process's rows, in rank order. Each process computes the same loss over all rows, so the gradient of its
-    own rows is the sum of what every process finds for them."""
-
-    @staticmethod
-    def forward(ctx, x):
-        rows = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(rows, x.contiguous())
-        return torch.cat(rows)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad.chunk(dist.get_world_size())[dist.get_rank()]
-
-
-def gather(x):  # all processes' rows, with gradients (x itself without torchrun)
-    return GatherRows.apply(x) if dist.is_initialized() else x
 
 
 class Pretrain(nn.Module):
@@ -451,26 +295,20 @@ class Pretrain(nn.Module):
         if "mlm_ids" in batch:
             k = len(batch["mlm_ids"])
             logits = m.mlm_head(m(batch["video"][:k], batch["mlm_ids"], batch["mlm_mask"]).text)
-            out["mlm"] = mlm_loss(logits, batch["mlm_labels"])
-            if dist.is_initialized():  # a mean over every process's masked words: weigh this process by its count
-                count = (batch["mlm_labels"] != -100).sum()
-                every = count.clone()
-                dist.all_reduce(every)
-                out["mlm"] = out["mlm"] * count * dist.get_world_size() / every.clamp(min=1)
+            out["mlm"] = mlm_loss(logits, batch["mlm_labels"]) * mlm_share(batch["mlm_labels"])
         # Contrastive (unimodal passes): the video alone against the texts alone
         video = m.video_proj(m.encode_video(batch["video"]).video[:, 0])  # (b, contrastive_dim)
         text = m.text_proj(m.encode_text(batch["text_ids"], batch["text_mask"]).text[:, 0])
         if "bank_targets" in batch:  # text holds every caption there is: each clip must pick its own among all
             out["bank"] = F.cross_entropy(cosine_similarity(video, text) / self.temperature, batch["bank_targets"])
             text = text[batch["bank_targets"]]
-        out["itc"] = contrastive_loss(gather(text), gather(video), self.temperature)
+        out["itc"] = contrastive_loss(gather(text), gather(video), self.temperature)  # gather: every process's rows
         out["loss"] = sum(value for name, value in out.items() if not name.endswith("_acc"))
         return out
 
 
 class MultipleChoice(nn.Module):
-    """Each clip with each of its k options in a joint pass; mc_head scores every pair (it starts as the VTM "match"
-    row); cross-entropy over the k scores, as the official compute_multiple_choice."""
+    """mc_head scores each (clip, option) pair (it starts as the VTM "match" row); cross-entropy over the k scores."""
 
     trains = ("mc_head",)
 
@@ -479,10 +317,7 @@ class MultipleChoice(nn.Module):
         self.model = model
 
     def forward(self, batch):
-        m, k = self.model, batch["options_ids"].shape[1]
-        pooled = m(repeat(batch["video"], "b ... -> (b k) ...", k=k), rearrange(batch["options_ids"], "b k l -> (b k) l"),
-                   rearrange(batch["options_mask"], "b k l -> (b k) l")).pooled
-        scores = rearrange(m.mc_score(pooled), "(b k) -> b k", k=k).float()
+        scores = self.model.score_options(batch["video"], batch["options_ids"], batch["options_mask"]).float()
         return dict(loss=F.cross_entropy(scores, batch["answer"]),
                     mc_acc=strictly_best(scores, batch["answer"]).float().mean())
 
@@ -504,10 +339,10 @@ class OpenQA(nn.Module):
                     qa_acc=strictly_best(logits, batch["answer"]).float().mean())
 
 
-def objective_for(task, model, opts):
-    if task == "mc":
+def objective_for(opts, model):
+    if opts.task == "mc":
         return MultipleChoice(model)
-    if task == "qa":
+    if opts.task == "qa":
         return OpenQA(model)
     return Pretrain(model, opts.temperature)
 
@@ -525,45 +360,44 @@ class Synthetic:
 
     def __init__(self, cfg, text, opts, preprocess, device, rank=0, world=1):
         self.cfg, self.text, self.opts, self.preprocess, self.device = cfg, text, opts, preprocess, device
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.skipped = rank, world, None
         self.bank_ids, self.bank_mask = text([caption_text(i) for i in range(len(CAPTIONS))])
         self.question_ids, self.question_mask = text(list(QUESTIONS.values()))
         self.time_variants = torch.tensor([time_variants(i) for i in range(len(CAPTIONS))])  # (72, 6)
         self.looks_variants = torch.tensor([looks_variants(i) for i in range(len(CAPTIONS))])  # (72, 5)
         self.answers = torch.tensor([[ANSWERS.index(answer_to(i, q)) for q in QUESTIONS] for i in range(len(CAPTIONS))])
-        self.skipped = None
 
     def batches(self, start):
         for step in range(start, self.opts.steps):
             yield self.batch(step)
 
     def batch(self, step):
-        o = self.opts
-        g = torch.Generator().manual_seed(hash((o.seed, step)) % 2**62)
-        captions = torch.randint(len(CAPTIONS), (o.batch,), generator=g)
-        batch = {"pretrain": self.pretrain_batch, "mc": self.mc_batch, "qa": self.qa_batch}[o.task](captions, step, g)
+        g = torch.Generator().manual_seed(hash((self.opts.seed, step)) % 2**62)
+        captions = torch.randint(len(CAPTIONS), (self.opts.batch,), generator=g)
+        batch = {"pretrain": self.pretrain_batch, "mc": self.mc_batch, "qa": self.qa_batch}[self.opts.task](captions, step, g)
         pixels = torch.Generator(self.device).manual_seed(int(torch.randint(2**62, (1,), generator=g)))
         batch["video"] = normalize(render(captions.tolist(), self.cfg.frames, self.cfg.image_size, pixels), self.preprocess)
         return {k: (v if k in self.shared else v[self.rank:: self.world]).to(self.device) for k, v in batch.items()}
 
     def pretrain_batch(self, captions, step, g):
-        # VTM pairs: half keep their caption; a mismatched one gets, during the curriculum, mostly a caption that
-        # differs only in the time words (only the order of the frames tells them apart); otherwise, as often, one
-        # that differs only in the colour or only in the shape, or any other caption
-        o, n = self.opts, len(CAPTIONS)
-        k, own = o.vtm_clips, captions[: o.vtm_clips]  # the VTM pass takes the first k clips
-        labels = (torch.randperm(k, generator=g) < k // 2).long()  # 1: matched
-        share = o.temporal_negatives * (1 if step < o.curriculum * o.horizon else 0.5)
-        time_wrong = self.time_variants[own, torch.randint(1, 6, (k,), generator=g)]  # one of the 5 other time variants
-        looks_wrong = self.looks_variants[own, torch.randint(0, 5, (k,), generator=g)]  # one of the 5 looks variants
-        other = (own + torch.randint(1, n, (k,), generator=g)) % n
-        other = torch.where(torch.rand(k, generator=g) < 0.5, looks_wrong, other)
-        vtm = torch.where(labels.bool(), own, torch.where(torch.rand(k, generator=g) < share, time_wrong, other))
+        opts, n = self.opts, len(CAPTIONS)
+        k, own = opts.vtm_clips, captions[: opts.vtm_clips]  # the VTM pass takes the first k clips
+        matched = torch.randperm(k, generator=g) < k // 2  # a random half keeps its caption
+        # A mismatched clip gets, during the curriculum, mostly a caption that differs only in the time words (only
+        # the order of the frames tells them apart); otherwise, as often, one that differs only in the colour or only
+        # in the shape, or any other caption.
+        time_wrong = self.time_variants[own, torch.randint(1, 6, (k,), generator=g)]  # one of its 5 time variants
+        looks_wrong = self.looks_variants[own, torch.randint(0, 5, (k,), generator=g)]  # one of its 5 looks variants
+        any_wrong = (own + torch.randint(1, n, (k,), generator=g)) % n  # any caption but its own
+        other = torch.where(torch.rand(k, generator=g) < 0.5, looks_wrong, any_wrong)
+        share = opts.temporal_negatives * (1 if step < opts.curriculum * opts.horizon else 0.5)
+        wrong = torch.where(torch.rand(k, generator=g) < share, time_wrong, other)
+        vtm = torch.where(matched, own, wrong)
         # contrastive: the text side is the whole caption bank; each clip's target is its caption
-        batch = dict(vtm_ids=self.bank_ids[vtm], vtm_mask=self.bank_mask[vtm], vtm_labels=labels,
+        batch = dict(vtm_ids=self.bank_ids[vtm], vtm_mask=self.bank_mask[vtm], vtm_labels=matched.long(),
                      text_ids=self.bank_ids, text_mask=self.bank_mask, bank_targets=captions)
-        if o.mlm_clips:  # the MLM pass: the first clips' own captions, masked
-            ids, mask = self.bank_ids[captions[: o.mlm_clips]], self.bank_mask[captions[: o.mlm_clips]]
+        if opts.mlm_clips:  # the MLM pass: the first clips' own captions, masked
+            ids, mask = self.bank_ids[captions[: opts.mlm_clips]], self.bank_mask[captions[: opts.mlm_clips]]
             batch["mlm_ids"], batch["mlm_labels"] = self.text.mask_words(ids, mask, self.cfg.vocab_size, g)
             batch["mlm_mask"] = mask
         return batch
@@ -572,13 +406,13 @@ class Synthetic:
         """Five options per clip, its own caption at a random place among four of the five captions that differ from
         it only in the time words (where time_only), or four other captions of any kind. -> (b, 5) captions, answers"""
         b = len(captions)
+        # k distinct items drawn at random = the k smallest of random lots (argsort), its own caption's lot made largest
         lots = torch.rand(b, len(CAPTIONS), generator=g)
-        lots[torch.arange(b), captions] = 2  # never its own caption
+        lots[torch.arange(b), captions] = 2
         anything = lots.argsort(1)[:, :4]
-        pick = torch.rand(b, 5, generator=g).argsort(1)[:, :4]
-        times = self.time_variants[captions, 1:].gather(1, pick)
+        times = self.time_variants[captions, 1:].gather(1, torch.rand(b, 5, generator=g).argsort(1)[:, :4])
         options = torch.cat([captions[:, None], torch.where(time_only[:, None], times, anything)], 1)
-        order = torch.rand(b, 5, generator=g).argsort(1)
+        order = torch.rand(b, 5, generator=g).argsort(1)  # a random order of the five
         return options.gather(1, order), order.argmin(1)  # the answer: where column 0, the own caption, went
 
     def mc_batch(self, captions, step, g):
@@ -593,251 +427,424 @@ class Synthetic:
     def held_out(self):
         """New renders from a seed no training batch uses, as uint8, with what the task evaluates on them."""
         g = torch.Generator().manual_seed(10_000_019 + self.opts.seed)
-        n = self.opts.eval_clips
-        captions = torch.randint(len(CAPTIONS), (n,), generator=g)
+        captions = torch.randint(len(CAPTIONS), (self.opts.eval_clips,), generator=g)
         video = render(captions.tolist(), self.cfg.frames, self.cfg.image_size, g)
-        held = dict(video=(video * 255).round().to(torch.uint8))
-        clips = torch.arange(n)
-        if self.opts.task == "pretrain":  # each clip's caption; its time-swapped caption; its 6 time variants
-            swapped = torch.tensor([time_swapped(int(i)) for i in captions])
-            held["captions"] = dict(ids=self.bank_ids[captions], mask=self.bank_mask[captions], clip=clips, first=clips,
-                                    label=captions, clip_label=captions, text=captions, swapped_ids=self.bank_ids[swapped],
-                                    swapped_mask=self.bank_mask[swapped])
-            options = self.time_variants[captions]
-            held["mc"] = {"mc_acc": dict(ids=self.bank_ids[options], mask=self.bank_mask[options], clip=clips,
-                                         answer=torch.zeros(n, dtype=torch.long))}
+        return self.held_out_of(captions, (video * 255).round().to(torch.uint8), g)
+
+    def held_out_of(self, captions, video, g):
+        n, clips = len(captions), torch.arange(len(captions))
+        held, ids, mask = HeldOut(video), self.bank_ids, self.bank_mask
+        if self.opts.task == "pretrain":  # each clip's caption, its time-swapped caption; its 6 time variants
+            swapped = self.time_variants[captions, 1]
+            held.captions = Captions(ids[captions], mask[captions], first=clips, label=captions, clip_label=captions,
+                                     text=captions, swapped_ids=ids[swapped], swapped_mask=mask[swapped])
+            options = self.time_variants[captions]  # the answer, its own caption, first
+            held.choices["mc_acc"] = Choices(ids[options], mask[options], clips, torch.zeros(n, dtype=torch.long))
         if self.opts.task == "mc":  # 5 options of any kind; 5 that differ only in the time words
-            held["mc"] = {}
             for name, time_only in (("mc_acc", False), ("mc_acc_time", True)):
                 options, answer = self.option_sets(captions, torch.full((n,), time_only), g)
-                held["mc"][name] = dict(ids=self.bank_ids[options], mask=self.bank_mask[options], clip=clips, answer=answer)
+                held.choices[name] = Choices(ids[options], mask[options], clips, answer)
         if self.opts.task == "qa":  # every question about every clip
             kind, clip = torch.arange(len(QUESTIONS)).repeat(n), clips.repeat_interleave(len(QUESTIONS))
-            held["qa"] = dict(ids=self.question_ids[kind], mask=self.question_mask[kind], clip=clip,
-                              answer=self.answers[captions[clip], kind], type=kind, types=list(QUESTIONS))
+            held.questions = Questions(self.question_ids[kind], self.question_mask[kind], clip,
+                                       self.answers[captions[clip], kind], kind, list(QUESTIONS))
         return held
-
-    def samples(self, k):
-        g = torch.Generator().manual_seed(self.opts.seed)
-        captions = torch.randint(len(CAPTIONS), (k,), generator=g)
-        return render(captions.tolist(), self.cfg.frames, self.cfg.image_size, g), [caption_text(int(c)) for c in captions]
 
 
 # -----------------------------------------------------------------------------
-# Training: one loop for every task
+# The training loop: one for every task
 
 
 def train(opts):
-    """Train as the options say, or with --eval-only evaluate; returns the last evaluation's metrics."""
-    if opts.samples:
-        return Run(opts).write_samples()
-    with RunFolder(opts, main=int(os.environ.get("RANK", 0)) == 0):
-        run = Run(opts)
-        opts = run.opts  # with what the model settled (temporal, fold_div, frames)
-        if opts.eval_only:
-            return run.evaluate()
-        if run.step >= opts.steps:
-            raise BadInput(f"--steps {opts.steps}: the run in {opts.out} is at step {run.step} already")
+    """Pre-train or fine-tune as the options say; returns the last evaluation's metrics (None on other processes)."""
+    rank, world = start_processes(opts)  # under torchrun: one process per GPU
+    device = pick_device(opts.device)
+    autocast, scaler = mixed_precision(device)  # bf16, or fp16 with a loss scaler, or float32 on the CPU
+    say = print if rank == 0 else lambda *args, **kwargs: None
+    with RunFolder(opts, main=rank == 0) as folder:
+        opts, model, data, ckpt = setup(opts, device, rank, world)
+        check_divides(opts, world)
+        objective = objective_for(opts, model)
+        heads = [h for h in objective.trains if h != "mlm_head" or opts.mlm_clips]  # the heads this task trains
+        ckpt.untrained = sorted(set(ckpt.untrained) - set(heads))
+        if ckpt.untrained:
+            say(f"heads this run does not train, never trained before: {', '.join(ckpt.untrained)}")
+        optimizer, params = make_optimizer(model, heads, opts, device)  # the other heads are frozen
+        if ckpt.optimizer:  # resuming: the optimizer, the loss scaler and the random state as they were saved
+            optimizer.load_state_dict(ckpt.optimizer)
+            scaler.load_state_dict(ckpt.scaler)
+            set_rng_state(ckpt.rng)
+        model.train()
+        step_fn = distributed(objective, world, opts.compile)  # DDP under torchrun; torch.compile with --compile
+        held = data.held_out() if rank == 0 else None
+        start = step = logged = ckpt.step
+        if step >= opts.steps:
+            raise BadInput(f"--steps {opts.steps}: the run in {opts.out} is at step {step} already")
+        say(summary(opts, model, device, world, start, folder))
+        clock, totals, last, flops = Clock(device), {}, None, None
+        first_bad = torch.full((), -1, device=device)  # the first step whose loss was not finite, noted on the device
         try:
-            for batch in run.data.batches(run.step):
-                run.train_step(batch)
-                if run.step % opts.log_every == 0 or run.step == opts.steps:
-                    run.log()
-                evaluating = run.step % opts.eval_every == 0 or run.step == opts.steps
-                if evaluating or run.step % opts.ckpt_every == 0:
-                    run.checkpoint()  # before evaluating: a crash there loses nothing
-                if evaluating:
-                    run.evaluate()
+            for batch in data.batches(step):
+                flops = flops or count_flops(objective, batch, device) / len(batch["video"])
+                for group in optimizer.param_groups:  # warm-up, then cosine decay
+                    group["lr"] = lr_at(step, opts) * group["lr_mult"]
+                with autocast:
+                    out = step_fn(batch)
+                scaler.scale(out["loss"]).backward()
+                scaler.unscale_(optimizer)
+                norm = nn.utils.clip_grad_norm_(params, opts.clip_grad)
+                scaler.step(optimizer)  # skips the step when fp16 gradients overflowed, and lowers the scale
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                # the NaN guard, without waiting for the device: a non-finite loss, or gradient where no scaler
+                # handles it
+                bad = ~torch.isfinite(out["loss"].detach()) | (~torch.isfinite(norm) & (not scaler.is_enabled()))
+                first_bad = torch.where((first_bad < 0) & bad, step, first_bad)
+                for name, value in out.items():
+                    totals[name] = totals.get(name, 0) + value.detach().float()
+                if step % opts.log_every == 0 or step == opts.steps:
+                    stop_if_not_finite(first_bad, folder)
+                    say(log_line(step, opts, totals, step - logged, (step - start) * opts.batch / clock.training(),
+                                 data.skipped), flush=True)
+                    totals, logged = {}, step
+                evaluating = step % opts.eval_every == 0 or step == opts.steps
+                if evaluating or step % opts.ckpt_every == 0:  # before evaluating: a crash there loses nothing
+                    with clock.paused():
+                        save_checkpoint(folder, ckpt, model, optimizer, scaler, step, first_bad)
+                if evaluating and rank == 0:
+                    with clock.paused():
+                        metrics = evaluate(model, held, data.text, autocast, ckpt.preprocess, ckpt.untrained)
+                    last = report(folder, opts, model.cfg, step, metrics, data, clips_per_s=(step - start) * opts.batch
+                                  / clock.training(), wall_s=clock.wall(), flops_per_clip=flops)
         except KeyboardInterrupt:
-            run.checkpoint()
-            run.say(f"\ninterrupted at step {run.step}: saved {run.ckpt_path}; --resume continues")
+            save_checkpoint(folder, ckpt, model, optimizer, scaler, step, first_bad)
+            say(f"\ninterrupted at step {step}: saved {folder.ckpt}; --resume continues")
             raise SystemExit(130)
-    run.say(f"done: {run.step - run.start_step} steps in {run.wall() / 60:.1f} min; {run.ckpt_path}")
-    return run.last
+    say(f"done: {step - start} steps in {clock.wall() / 60:.1f} min; {folder.ckpt}")
+    return last
 
 
-class Run:
-    """What one run holds: processes and device, model and tokenizer, data and held-out set, objective and optimizer."""
+def lr_at(step, opts):
+    if step < opts.warmup:
+        return opts.lr * (step + 1) / opts.warmup
+    progress = min(1.0, (step - opts.warmup) / max(1, opts.horizon - opts.warmup))
+    return opts.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
-    def __init__(self, opts):
-        self.rank, self.world = start_processes(opts)
-        self.main = self.rank == 0
-        self.device = pick_device(opts.device)
-        self.autocast, self.scaler = mixed_precision(self.device)
-        if self.device.type == "cpu":
-            keep_freed_memory()
-        torch.manual_seed(opts.seed)
-        start = read_start_point(opts)  # the checkpoint to resume or to fine-tune, if any
-        rows = read_data(opts) if opts.data or opts.val_data else None
-        if start.get("ours"):
-            self.tokenizer = start["tokenizer"]
-        else:
-            self.tokenizer = make_tokenizer(opts.vocab, texts_of(rows["train"] + rows["val"] if rows else None))
-        self.answers = answer_vocabulary(opts, start, rows)
-        self.model, self.untrained, opts = build_model(opts, start, self.tokenizer.get_vocab_size(), len(self.answers))
-        self.opts, self.cfg, self.preprocess = opts, self.model.cfg, preprocess_for(opts, start)
-        self.text = Text(self.tokenizer, self.cfg.max_text_len)
-        if rows:
-            self.data = Clips(rows, self.cfg, self.text, opts, self.preprocess, self.answers, self.device, self.rank, self.world)
-        else:
-            self.data = Synthetic(self.cfg, self.text, opts, self.preprocess, self.device, self.rank, self.world)
-        self.ckpt_path = Path(opts.out) / "ckpt.pt"
-        self.step = self.start_step = start["checkpoint"]["step"] if start.get("resume") else 0
+
+def log_line(step, opts, totals, steps, clips_per_s, skipped):
+    """step | loss (its parts) | learning rate | speed | time left, from the sums of the last `steps` steps."""
+    mean = {k: v.item() / steps for k, v in totals.items()}
+    parts = " ".join(f"{k} {v:.3f}" for k, v in mean.items() if k != "loss")
+    return (f"step {step:5d}/{opts.steps} | loss {mean['loss']:.3f} ({parts}) | lr {lr_at(step - 1, opts):.1e} | "
+            f"{clips_per_s:.0f} clips/s | ETA {(opts.steps - step) * opts.batch / clips_per_s / 60:.1f} min"
+            + (f" | skipped {skipped.count} clips" if skipped else ""))
+
+
+# -----------------------------------------------------------------------------
+# Evaluation, the way papers report it: held-out sets, and one short function per kind of metric
+
+
+@dataclass
+class Captions:
+    """Held-out captions, for VTM, MLM and retrieval."""
+    ids: torch.Tensor  # (captions, l) token ids
+    mask: torch.Tensor  # (captions, l) 1 = a real token
+    first: torch.Tensor  # (clips,) the caption VTM and MLM pair each clip with (one of its own)
+    label: torch.Tensor  # (captions,) a caption belongs to a clip when its label is the clip's clip_label: for data
+    clip_label: torch.Tensor  # (clips,)  files the clip's index; synthetic, the caption's index in the bank
+    text: torch.Tensor  # (captions,) which distinct text each caption is (VTM's wrong caption is another text)
+    swapped_ids: Optional[torch.Tensor] = None  # (clips, l) synthetic: each clip's caption with its time words
+    swapped_mask: Optional[torch.Tensor] = None  # swapped, which only the order of the frames tells apart
+
+
+@dataclass
+class Choices:
+    """A multiple-choice set: each row is a clip and k options, one of them right."""
+    ids: torch.Tensor  # (rows, k, l)
+    mask: torch.Tensor  # (rows, k, l)
+    clip: torch.Tensor  # (rows,) the clip each row asks about
+    answer: torch.Tensor  # (rows,) the index of the right option
+
+
+@dataclass
+class Questions:
+    """Open-ended questions, answered from the answer vocabulary."""
+    ids: torch.Tensor  # (rows, l)
+    mask: torch.Tensor  # (rows, l)
+    clip: torch.Tensor  # (rows,) the clip each question asks about
+    answer: torch.Tensor  # (rows,) the right answer's index in the vocabulary; -1: outside it (always wrong)
+    kind: torch.Tensor  # (rows,) the question's type, an index in kinds (-1: none)
+    kinds: list  # type names: qa_acc_<name> is the accuracy on questions of that type
+
+
+@dataclass
+class HeldOut:
+    """A held-out set: its clips, decoded once, and what the task evaluates on them."""
+    video: torch.Tensor  # (clips, t, 3, H, W) uint8
+    captions: Optional[Captions] = None  # pre-training: VTM, MLM, retrieval
+    choices: dict = field(default_factory=dict)  # metric name -> Choices: multiple choice
+    questions: Optional[Questions] = None  # open-ended QA
+
+
+@torch.no_grad()
+def evaluate(model, held, text, autocast, preprocess, untrained=(), progress=False):
+    """Held-out metrics (README: what the metrics mean) and notes on the metrics left out and why."""
+    training, untrained, notes = model.training, set(untrained), []
+    model.eval()
+    p = Passes(model, held.video, autocast, preprocess, progress)
+    metrics = {"clips": len(held.video)}
+    if held.captions is not None:
+        metrics["captions"] = len(held.captions.ids)
+        metrics.update(vtm_metrics(p, held.captions, untrained, notes))
+        metrics.update(mlm_metrics(p, held.captions, text, untrained, notes))
+        metrics.update(retrieval(p, held.captions, untrained, notes))
+    for name, choices in held.choices.items():
+        metrics.update(choice_metrics(p, name, choices, untrained, notes))
+    if held.questions is not None:
+        metrics.update(qa_metrics(p, held.questions, untrained, notes))
+    model.train(training)
+    return metrics, notes
+
+
+def vtm_metrics(p, c, untrained, notes):
+    """vtm_acc: each clip with one of its captions (right: "match") and with a caption of another clip that is another
+    text ("no match"); synthetic, vtm_acc_temporal: the wrong caption is its own with the time words swapped."""
+    other = (c.label[None] != c.clip_label[:, None]) & (c.text[None] != c.text[c.first][:, None])  # (clips, captions)
+    if "vtm_head" in untrained:
+        notes.append("vtm_acc left out: the VTM head was never trained")
+        return {}
+    if not other.any():
+        notes.append("vtm_acc left out: it needs a caption of another held-out clip, with another text")
+        return {}
+
+    def said(clip, ids, mask, label):  # 1 where the VTM head said label (1 match, 0 no match) and meant it
+        logits = p.joint("VTM", clip, ids, mask, lambda out, s: p.model.vtm_head(out.pooled))
+        return strictly_best(logits, torch.full((len(ids),), label)).float()
+
+    clips, has = torch.arange(len(c.first)), other.any(1)
+    lots = torch.rand(other.shape, generator=torch.Generator().manual_seed(1)).masked_fill(~other, -1)
+    wrong = lots.argmax(1)[has]  # for each clip, one of those captions at random (a fixed seed)
+    matched = said(clips, c.ids[c.first], c.mask[c.first], 1)
+    metrics = dict(vtm_acc=(matched.mean() + said(clips[has], c.ids[wrong], c.mask[wrong], 0).mean()).item() / 2)
+    if c.swapped_ids is not None:
+        swapped = said(clips, c.swapped_ids, c.swapped_mask, 0)
+        metrics["vtm_acc_temporal"] = (matched.mean() + swapped.mean()).item() / 2
+    return metrics
+
+
+def mlm_metrics(p, c, text, untrained, notes):
+    """mlm_acc: BERT masking of each clip's caption with a fixed seed; right where the true word scores above all."""
+    ids, mask = c.ids[c.first], c.mask[c.first]
+    masked, labels = text.mask_words(ids, mask, p.model.cfg.vocab_size, torch.Generator().manual_seed(2))
+    picked = labels != -100
+    if "mlm_head" in untrained:
+        notes.append("mlm_acc left out: the MLM head was never trained")
+        return {}
+    if not picked.any():
+        notes.append("mlm_acc left out: no held-out caption has a word to mask")
+        return {}
+    dev = p.device
+    right = p.joint("MLM", torch.arange(len(ids)), masked, mask, lambda out, s: strictly_best(
+        p.model.mlm_head(out.text)[picked[s].to(dev)], labels[s][picked[s]].to(dev)))
+    return dict(mlm_acc=right.mean().item())
+
+
+def retrieval(p, c, untrained, notes):
+    """Dual-stream retrieval, as MSR-VTT reports it: text-only against video-only features, by cosine similarity;
+    a caption's hit is its clip (synthetic: any clip of its caption), a clip's hit any of its captions."""
+    if untrained & {"text_proj", "video_proj"}:
+        notes.append("retrieval left out: the contrastive projections were never trained (the checkpoint has none), "
+                     "so its numbers would be chance")
+        return {}
+    if len(p.video) < 2:
+        notes.append("retrieval left out: it needs two held-out clips")
+        return {}
+    m, dev = p.model, p.device
+    text = p.run("text", len(c.ids), lambda s: m.text_proj(m.encode_text(c.ids[s].to(dev), c.mask[s].to(dev)).text[:, 0]))
+    video = p.run("video", len(p.video), lambda s: m.video_proj(m.encode_video(p.clips(s)).video[:, 0]))
+    sim, hits = cosine_similarity(text, video), c.label[:, None] == c.clip_label[None]  # (captions, clips)
+    return {**recall_metrics(first_hit_ranks(sim, hits), "t2v"), **recall_metrics(first_hit_ranks(sim.T, hits.T), "v2t")}
+
+
+def choice_metrics(p, name, choices, untrained, notes):
+    """Multiple choice: the right option must score above every other (mc_head, or zero-shot the VTM match logit)."""
+    if "mc_head" in untrained if p.model.cfg.mc_head else "vtm_head" in untrained:
+        notes.append(f"{name} left out: the multiple-choice scorer (the VTM head) was never trained")
+        return {}
+    k, dev = choices.ids.shape[1], p.device
+    scores = p.run("options", len(choices.ids), lambda s: p.model.score_options(
+        p.clips(choices.clip[s]), choices.ids[s].to(dev), choices.mask[s].to(dev)), chunk=max(1, p.chunk // k))
+    return {name: strictly_best(scores, choices.answer).float().mean().item()}
+
+
+def qa_metrics(p, q, untrained, notes):
+    """qa_acc overall and per question type; an answer outside the vocabulary counts as wrong."""
+    if not p.model.cfg.num_answers or "qa_head" in untrained:
+        notes.append("qa_acc left out: the model has no trained QA head")
+        return {}
+    logits = p.joint("QA", q.clip, q.ids, q.mask, lambda out, s: p.model.qa_head(out.pooled))
+    right = (strictly_best(logits, q.answer.clamp(min=0)) & (q.answer >= 0)).float()
+    metrics = dict(qa_acc=right.mean().item())
+    for i, kind in enumerate(q.kinds):
+        if (q.kind == i).any():
+            metrics[f"qa_acc_{kind}"] = right[q.kind == i].mean().item()
+    metrics["qa_unknown_answers"] = (q.answer < 0).float().mean().item()
+    return metrics
+
+
+def main(argv=None):
+    opts = parse_options(argv)  # a bad option: argparse's one-line error
+    warnings.filterwarnings("once")
+    try:
         if opts.samples:
-            return
-        self.model.to(self.device)
-        self.held = self.data.held_out() if self.main else None
-        if not opts.eval_only:
-            self.prepare_training(start)
-        self.first_bad = torch.full((), -1, device=self.device)  # the first step whose loss was not finite
-        self.totals, self.logged, self.flops, self.last = {}, 0, None, None
-        self.t0, self.paused_s = time.perf_counter(), 0.0
-        size = f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters"
-        self.say(f"All-in-One, task {opts.task}, temporal {self.cfg.temporal}: {size}, {self.cfg.frames} frames of "
-                 f"{self.cfg.image_size} px; {self.device}, {self.world} process(es), batch {opts.batch}"
-                 + (f"; resumed from {self.ckpt_path} at step {self.step}" if start.get("resume") else ""))
+            write_samples(opts)
+        elif opts.eval_only:
+            evaluate_only(opts)
+        else:
+            ablation(opts) if opts.ablation else train(opts)
+    except BadInput as e:  # bad input: one line naming the flag, the file or the row, and exit status 1
+        sys.exit(f"error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
-    def prepare_training(self, start):
-        """The objective, the optimizer (and, resuming, their saved state), DDP."""
-        opts = self.opts
-        for name in ("batch", "vtm_clips", "mlm_clips"):
-            if getattr(opts, name) % self.world:
-                raise BadInput(f"--{name.replace('_', '-')} {getattr(opts, name)} does not divide among {self.world} processes")
-        # the objective trains the backbone and its own heads; the other heads stay as they are (frozen)
-        self.objective = objective_for(opts.task, self.model, opts)
-        trains = [h for h in self.objective.trains if not (h == "mlm_head" and opts.mlm_clips == 0)]
-        self.untrained -= set(trains)
-        if self.untrained:
-            self.say(f"heads this run does not train, never trained before: {', '.join(sorted(self.untrained))}")
-        for name, p in self.model.named_parameters():
-            p.requires_grad_(name.split(".")[0] not in HEADS or name.split(".")[0] in trains)
-        # as the official code: no weight decay on biases and LayerNorm weights; the QA head learns 10x faster
-        groups = {}
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                groups.setdefault((p.ndim >= 2, 10.0 if name.startswith("qa_head.") else 1.0), []).append(p)
-        self.params = [p for ps in groups.values() for p in ps]
-        self.opt = torch.optim.AdamW([dict(params=ps, weight_decay=opts.weight_decay if decay else 0.0, lr_mult=mult)
-                                      for (decay, mult), ps in groups.items()],
-                                     lr=opts.lr, betas=(0.9, 0.98), fused=self.device.type in ("cuda", "cpu"))
-        if start.get("resume"):
-            self.opt.load_state_dict(start["checkpoint"]["optimizer"])
-            self.scaler.load_state_dict(start["checkpoint"]["scaler"])
-            set_rng_state(start["checkpoint"]["rng"])
-        self.model.train()
-        step_fn = self.objective
-        if self.world > 1:  # every parameter that needs a gradient gets one: no search for unused ones
-            step_fn = nn.parallel.DistributedDataParallel(self.objective, find_unused_parameters=False)
-        self.step_fn = torch.compile(step_fn) if opts.compile else step_fn
 
-    def say(self, message):
-        if self.main:
-            print(message, flush=True)
+# =====================================================================================================================
+# The toolbox: what the run above calls by name; a reader of the method need not go further. Option checks and the
+# resume rules; the other entry points; start points and set-up; checkpoints and the run folder; devices, precision
+# and memory; FLOP counting; several processes (DDP); then the real-clip path (PyAV, data files).
 
-    def train_step(self, batch):
-        if self.flops is None:
-            self.flops = count_flops(self.objective, batch, self.device) / len(batch["video"])
-        for group in self.opt.param_groups:
-            group["lr"] = lr_at(self.step, self.opts) * group["lr_mult"]
-        with self.autocast:
-            out = self.step_fn(batch)
-        self.scaler.scale(out["loss"]).backward()
-        self.scaler.unscale_(self.opt)
-        norm = nn.utils.clip_grad_norm_(self.params, self.opts.clip_grad)
-        self.scaler.step(self.opt)  # skips the step when fp16 gradients overflowed, and lowers the scale
-        self.scaler.update()
-        self.opt.zero_grad(set_to_none=True)
-        self.step += 1
-        # the NaN guard, without waiting for the device: a non-finite loss, or gradient where no scaler handles it
-        bad = ~torch.isfinite(out["loss"].detach()) | (~torch.isfinite(norm) & (not self.scaler.is_enabled()))
-        self.first_bad = torch.where((self.first_bad < 0) & bad, self.step, self.first_bad)
-        for k, v in out.items():
-            self.totals[k] = self.totals.get(k, 0) + v.detach().float()
-        self.logged += 1
 
-    def check_finite(self, weights=False):
-        """Stop the run, before a checkpoint or a number is written, at the first non-finite loss or weight."""
-        bad = int(self.first_bad)
-        if bad < 0 and weights and not all(torch.isfinite(p).all() for p in self.model.parameters()):
-            bad = self.step
-        if bad >= 0:
-            kept = f"{self.ckpt_path} is from before it" if self.ckpt_path.exists() else "no checkpoint was written"
-            raise BadInput(f"step {bad}: the loss or the weights are not finite (NaN or inf): stopped; {kept}. "
-                           "A smaller --lr, or a larger --temperature, may help")
+class BadInput(ValueError):
+    """Bad input: the message names the flag, the file or the line; the command line prints it alone and exits 1."""
 
-    def log(self):
-        self.check_finite()
-        if self.main:
-            o, mean = self.opts, {k: v.item() / self.logged for k, v in self.totals.items()}
-            rate = (self.step - self.start_step) * o.batch / self.train_seconds()
-            parts = " ".join(f"{k} {v:.3f}" for k, v in mean.items() if k != "loss")
-            bad = f" | skipped {self.data.skipped.count} clips" if self.data.skipped else ""
-            print(f"step {self.step:5d}/{o.steps} | loss {mean['loss']:.3f} ({parts}) | lr {lr_at(self.step - 1, o):.1e} "
-                  f"| {rate:.0f} clips/s | ETA {(o.steps - self.step) * o.batch / rate / 60:.1f} min{bad}", flush=True)
-        self.totals, self.logged = {}, 0
 
-    def checkpoint(self):
-        with self.paused():
-            self.check_finite(weights=True)
-            if self.main:
-                save_atomic(dict(
-                    model=self.model.state_dict(), config=dataclasses.asdict(self.cfg), options=dataclasses.asdict(self.opts),
-                    tokenizer=self.tokenizer.to_str(), preprocess=self.preprocess, answers=self.answers,
-                    untrained=sorted(self.untrained), optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict(),
-                    step=self.step, rng=rng_state()), self.ckpt_path)
+# --- options: parsing, checks, and what a resumed run may change
 
-    def evaluate(self):
-        """Held-out metrics: printed, appended to metrics.jsonl (rank 0 only) and returned."""
-        with self.paused():
-            if not self.main:
-                return None
-            o = self.opts
-            metrics, notes = evaluate(self.model, self.held, self.text, self.autocast, self.preprocess, self.untrained,
-                                      progress=o.eval_only)
-            for note in notes:
-                print(f"note: {note}")
-            row = dict(step=self.step, task=o.task, temporal=self.cfg.temporal, **metrics)
-            if o.eval_only:
-                row.update(eval_only=True, checkpoint=str(self.ckpt_path if o.resume else o.init))
-            else:
-                row.update(clips_per_s=(self.step - self.start_step) * o.batch / self.train_seconds(),
-                           wall_s=self.wall(), flops_per_clip=self.flops)
-            if self.data.skipped:
-                row.update(skipped_clips=self.data.skipped.count, truncated_captions=self.data.truncated)
-            with open(Path(o.out) / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if o.eval_only:
-                print("\n".join(f"{k:>22}  {v:.4f}" if isinstance(v, float) else f"{k:>22}  {v}" for k, v in row.items()))
-            else:
-                print("eval " + " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
-                      flush=True)
-            self.last = row
-            return row
+MAY_CHANGE_ON_RESUME = {"steps", "log_every", "eval_every", "ckpt_every", "workers", "device", "compile", "out",
+                        "resume", "eval_only"}  # nothing that changes the run's result
+MAY_CHANGE_TO_EVALUATE = {"val_data", "eval_clips", "video_root"}  # with --eval-only: what to evaluate on
 
-    @contextlib.contextmanager
-    def paused(self):  # time spent in here (evaluation, checkpoints) is not training time
-        sync(self.device)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.paused_s += time.perf_counter() - start
 
-    def wall(self):
-        return time.perf_counter() - self.t0
+def parse_options(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Options):
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.type is bool:
+            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help)
+        else:
+            default = f.default if f.default is not None else ", ".join(f"{t} {d[f.name]}" for t, d in TASK_DEFAULTS.items())
+            p.add_argument(flag, type=f.type, default=argparse.SUPPRESS,
+                           help=help if f.default == "" else f"{help} (default: {default})")
+    given = vars(p.parse_args(argv))  # only the flags on the command line
+    opts = Options(**given)
+    if opts.resume:
+        opts = resumed_options(p, opts, given)
+    else:
+        if opts.eval_only and opts.init and "task" not in given:  # a fine-tuned checkpoint says what it was tuned for
+            opts.task = trained_task(opts.init)
+        opts = dataclasses.replace(opts, **{k: v for k, v in TASK_DEFAULTS.get(opts.task, {}).items() if k not in given})
+    check_options(p, opts)
+    return opts
 
-    def train_seconds(self):
-        sync(self.device)
-        return self.wall() - self.paused_s
 
-    def write_samples(self):
-        out = Path(self.opts.out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_samples(out / "samples.png", *self.data.samples(self.opts.samples))
-        print(f"wrote {out / 'samples.png'} and {out / 'samples.txt'}")
+def resumed_options(p, opts, given):
+    """A resumed run's options are its checkpoint's; a flag that would change the run is an error naming it."""
+    path = Path(opts.out) / "ckpt.pt"
+    if not path.is_file():
+        p.error(f"--resume: no checkpoint at {path}")
+    try:
+        saved = load_checkpoint(path)
+    except ValueError as e:
+        p.error(f"--resume: {e}")
+    if not isinstance(saved, dict) or not isinstance(saved.get("options"), dict):
+        p.error(f"--resume: {path} is not a train_tiny.py checkpoint")
+    fields = {f.name for f in dataclasses.fields(Options)}
+    saved = {k: v for k, v in saved["options"].items() if k in fields}
+    free = MAY_CHANGE_ON_RESUME | (MAY_CHANGE_TO_EVALUATE if opts.eval_only else set())
+    for name, value in given.items():
+        if name not in free and name in saved and value != saved[name]:
+            p.error(f"--{name.replace('_', '-')} {value!r} differs from the checkpoint's {saved[name]!r} ({path}): a "
+                    f"resumed run keeps its options; only "
+                    f"{', '.join('--' + n.replace('_', '-') for n in sorted(free - {'resume', 'out'}))} may change")
+    return Options(**{**saved, **{k: v for k, v in given.items() if k in free}, "restart": False})
+
+
+def trained_task(path):
+    """The --task a train_tiny.py checkpoint was trained for ("pretrain" for anything else)."""
+    try:
+        return load_checkpoint(path)["options"]["task"]
+    except (ValueError, KeyError, TypeError):
+        return "pretrain"
+
+
+def check_options(p, opts):
+    def need(ok, message):
+        if not ok:
+            p.error(message)
+
+    def finite(x):
+        return isinstance(x, (int, float)) and math.isfinite(x)
+
+    def flag(name):
+        return "--" + name.replace("_", "-")
+
+    o = opts
+    need(o.task in TASKS, f"--task must be pretrain, mc or qa, not {o.task!r}")
+    need(o.temporal in ("", "roll", "none", "flatten"), f"--temporal must be roll, none or flatten, not {o.temporal!r}")
+    need(o.preprocess in ("auto", "ours", "official"), f"--preprocess must be auto, ours or official, not {o.preprocess!r}")
+    need(o.device in ("auto", "cuda", "mps", "cpu"), f"--device must be auto, cuda, mps or cpu, not {o.device!r}")
+    for name in ("steps", "horizon", "log_every", "eval_every", "ckpt_every", "eval_clips"):
+        need(getattr(o, name) >= 1, f"{flag(name)} must be at least 1, got {getattr(o, name)}")
+    for name in ("warmup", "workers", "frames", "image_size", "heads", "answers", "samples", "fold_div"):
+        need(getattr(o, name) >= 0, f"{flag(name)} must be 0 or more, got {getattr(o, name)}")
+    need(o.batch >= 2, "--batch must be at least 2 (VTM and multiple choice need two clips)")
+    need(2 <= o.vtm_clips <= o.batch, "--vtm-clips must be between 2 and --batch")
+    need(0 <= o.mlm_clips <= o.batch, "--mlm-clips must be between 0 and --batch")
+    need(finite(o.lr) and o.lr > 0, f"--lr must be a positive number, got {o.lr}")
+    need(finite(o.weight_decay) and o.weight_decay >= 0, f"--weight-decay must be 0 or more, got {o.weight_decay}")
+    need(finite(o.clip_grad) and o.clip_grad > 0, f"--clip-grad must be a positive number, got {o.clip_grad}")
+    need(finite(o.temperature) and o.temperature > 0, f"--temperature must be a positive number, got {o.temperature}")
+    need(finite(o.dropout) and 0 <= o.dropout < 1, f"--dropout must be in [0, 1), got {o.dropout}")
+    for name in ("curriculum", "temporal_negatives", "max_bad_share"):
+        need(finite(getattr(o, name)) and 0 <= getattr(o, name) <= 1,
+             f"{flag(name)} must be between 0 and 1, got {getattr(o, name)}")
+    need(finite(o.val_share) and 0 < o.val_share < 1, f"--val-share must be between 0 and 1, got {o.val_share}")
+    for name in ("data", "val_data", "vocab", "init"):
+        path = getattr(o, name)
+        need(not path or Path(path).is_file(), f"{flag(name)} {path}: no such file")
+    need(not (o.image_size and o.init), "--image-size is for runs from scratch; an --init checkpoint fixes the size")
+    need(not (o.ablation and (o.resume or o.eval_only)), "--ablation starts three fresh runs")
+    need(not (o.resume and o.restart), "--resume continues the run in --out; --restart starts it over: not both")
+    need(not o.eval_only or o.resume or o.init, "--eval-only needs a model: --resume (the run in --out) or --init")
+
+
+def check_divides(opts, world):
+    for name in ("batch", "vtm_clips", "mlm_clips"):
+        if getattr(opts, name) % world:
+            raise BadInput(f"--{name.replace('_', '-')} {getattr(opts, name)} does not divide among {world} processes")
+
+
+# --- the other entry points: --eval-only, --ablation, --samples
+
+
+def evaluate_only(opts):
+    """--eval-only: the --resume or --init model on the held-out set, printed as a table and added to metrics.jsonl."""
+    if int(os.environ.get("RANK", 0)):  # under torchrun, one process evaluates
+        return None
+    device = pick_device(opts.device)
+    with RunFolder(opts) as folder:
+        opts, model, data, ckpt = setup(opts, device)
+        print(summary(opts, model, device, 1, ckpt.step if opts.resume else None, folder))
+        metrics = evaluate(model, data.held_out(), data.text, mixed_precision(device)[0], ckpt.preprocess,
+                           ckpt.untrained, progress=True)
+        return report(folder, opts, model.cfg, ckpt.step, metrics, data, eval_only=True,
+                      checkpoint=str(folder.ckpt if opts.resume else opts.init))
 
 
 def ablation(opts):
+    """--ablation: --temporal roll, none and flatten with the same options and budget, then one table."""
     rows = []
     for mode in ("roll", "none", "flatten"):
         print(f"\n=== --temporal {mode} ===")
@@ -851,87 +858,25 @@ def ablation(opts):
     return rows
 
 
-# --- set-up
+def write_samples(opts):
+    """--samples N: a PNG strip of N training clips (one a row, frames left to right) and their captions, then stop."""
+    opts, model, data, ckpt = setup(opts, torch.device("cpu"))
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, Synthetic):
+        g = torch.Generator().manual_seed(opts.seed)
+        captions = torch.randint(len(CAPTIONS), (opts.samples,), generator=g).tolist()
+        video, texts = render(captions, data.cfg.frames, data.cfg.image_size, g), [caption_text(c) for c in captions]
+    else:
+        video, texts = data.samples(opts.samples)
+    write_png(out / "samples.png", video)
+    (out / "samples.txt").write_text("\n".join(texts) + "\n")
+    print(f"wrote {out / 'samples.png'} and {out / 'samples.txt'}")
 
 
-def start_processes(opts):
-    """(rank, world size): under torchrun, each process takes its own GPU (before the process group starts)."""
-    if "RANK" not in os.environ:
-        return 0, 1
-    if not dist.is_initialized():
-        cuda = torch.cuda.is_available() and opts.device in ("auto", "cuda")
-        if cuda:
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def pick_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", torch.cuda.current_device())  # under torchrun: this process's GPU
-    return torch.device(name)
-
-
-def mixed_precision(device):
-    """(autocast, loss scaler): bf16 where the GPU has it natively (Ampere and later), fp16 with a loss scaler on older
-    GPUs and on MPS, full precision on the CPU. The scaler does nothing when disabled, so the loop has one path."""
-    if device.type == "cpu":
-        return torch.autocast("cpu", enabled=False), torch.amp.GradScaler("cpu", enabled=False)
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-    dtype = torch.bfloat16 if bf16 else torch.float16
-    return torch.autocast(device.type, dtype=dtype), torch.amp.GradScaler(device.type, enabled=not bf16)
-
-
-def keep_freed_memory():
-    """On Linux, glibc's allocator hands big freed blocks back to the system and takes them again on the next step,
-    faulting every page in: 2 million page faults in 100 steps of the default CPU run, 7% of its time. Keep them, as
-    the jemalloc that PyTorch's CPU tuning guide suggests would. Elsewhere, nothing."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MB (glibc's most) come from the heap ...
-    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: ... which keeps up to 1 GB of freed memory
-
-
-def sync(device):  # wait for the device, so that a clock reading means what it says
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def lr_at(step, o):
-    if step < o.warmup:
-        return o.lr * (step + 1) / o.warmup
-    progress = min(1.0, (step - o.warmup) / max(1, o.horizon - o.warmup))
-    return o.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def flop_counter():
-    """torch's FLOP counter, taught the CPU attention kernels it does not count by itself (torch 2.13)."""
-    aten = torch.ops.aten
-    return FlopCounterMode(display=False, custom_mapping={
-        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
-        aten._scaled_dot_product_flash_attention_for_cpu_backward:
-            lambda g, q, k, v, *_, **__: sdpa_backward_flop_count(g, q, k, v),
-    })
-
-
-def count_flops(objective, batch, device):
-    """FLOPs of one forward and backward on the batch; the gradients are thrown away and the random state is left
-    as it was, so that the run goes on as if this had not happened."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), flop_counter() as counter:
-        objective(batch)["loss"].backward()
-    objective.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
-
-
-def write_samples(path, video, captions):
-    """A PNG strip, one clip per row, frames left to right, written with PyAV. video: (k, t, 3, H, W) in [0, 1]."""
-    video = F.pad(video, (0, 1), value=1.0)  # a white line after each frame
+def write_png(path, video):
+    """video (k, t, 3, H, W) in [0, 1] as one PNG, written with PyAV: a clip a row, a white line after each frame."""
+    video = F.pad(video, (0, 1), value=1.0)
     img = (rearrange(video, "k t c h w -> (k h) (t w) c") * 255).round().clamp(0, 255).byte()
     img = img.repeat_interleave(4, 0).repeat_interleave(4, 1).numpy()  # 4x larger, so the pixels show
     with av.open(str(path), "w", format="image2") as out:
@@ -941,147 +886,48 @@ def write_samples(path, video, captions):
             out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
-    Path(path).with_suffix(".txt").write_text("\n".join(captions) + "\n")
 
 
-# -----------------------------------------------------------------------------
-# Evaluation, the way papers report it
+# --- start points and set-up: from scratch, an official checkpoint, --init of ours, --resume
 
 
-def first_hit_ranks(sim, hits):
-    """(q, i) similarities and (q, i) bool hits -> (q,) rank of each query's best hit (1 = first). Ties count against
-    the model: every other item scoring as high as the best hit ranks before it; a NaN score ranks last."""
-    sim = sim.float().nan_to_num(nan=-math.inf)
-    best = sim.masked_fill(~hits, -math.inf).amax(1, keepdim=True)
-    return 1 + ((sim >= best) & ~hits).sum(1)
+@dataclass
+class StartPoint:
+    path: Path
+    checkpoint: dict  # the file's contents, read without running code from it
+    ours: bool  # a train_tiny.py ckpt.pt: config, tokenizer and heads come from it
+    resume: bool  # continue its run
+    tokenizer: Optional[Tokenizer] = None  # ours: the run's tokenizer
 
 
-def retrieval_metrics(ranks, direction):  # the MSR-VTT protocol: R@1, R@5, R@10 and the median rank
-    out = {f"{direction}_r{k}": (ranks <= k).float().mean().item() for k in (1, 5, 10)}
-    out[f"{direction}_medr"] = float(np.median(ranks.numpy()))
-    return out
+def setup(opts, device, rank=0, world=1):
+    """What a run is made of: (opts with what the model settled, the model on the device, the data, and what the
+    checkpoint holds: the resumed run's, or new)."""
+    if device.type == "cpu":
+        keep_freed_memory()
+    torch.manual_seed(opts.seed)
+    start = read_start_point(opts)
+    rows = read_data(opts) if opts.data or opts.val_data else None
+    ours = start is not None and start.ours
+    tokenizer = start.tokenizer if ours else make_tokenizer(opts.vocab, texts_of(rows["train"] + rows["val"]) if rows else SYNTHETIC_TEXTS)
+    answers = answer_vocabulary(opts, start, rows)
+    model, untrained, opts = build_model(opts, start, tokenizer.get_vocab_size(), len(answers))
+    text, preprocess = Text(tokenizer, model.cfg.max_text_len), preprocess_for(opts, start)
+    if rows:
+        data = Clips(rows, model.cfg, text, opts, preprocess, answers, device, rank, world)
+    else:
+        data = Synthetic(model.cfg, text, opts, preprocess, device, rank, world)
+    resumed = start.checkpoint if start and start.resume else {}
+    ckpt = Checkpoint(config=dataclasses.asdict(model.cfg), options=dataclasses.asdict(opts),
+                      tokenizer=tokenizer.to_str(), preprocess=preprocess, answers=answers, untrained=sorted(untrained),
+                      **{k: resumed[k] for k in ("optimizer", "scaler", "step", "rng") if k in resumed})
+    return opts, model.to(device), data, ckpt
 
-
-class Progress:
-    """A line every few seconds while something long runs: how far, how fast, how long still."""
-
-    def __init__(self, what, total, loud, every=10.0):
-        self.what, self.total, self.loud, self.every = what, total, loud, every
-        self.done, self.start, self.last = 0, time.perf_counter(), time.perf_counter()
-
-    def __call__(self, n):
-        self.done += n
-        now = time.perf_counter()
-        finished_late = self.done == self.total and now - self.start > self.every
-        if self.loud and (now - self.last > self.every or finished_late):
-            rate = self.done / max(now - self.start, 1e-9)
-            print(f"{self.what}: {self.done}/{self.total}, {rate:.1f}/s, {(self.total - self.done) / rate:.0f} s left",
-                  flush=True)
-            self.last = now
-
-
-@torch.no_grad()
-def evaluate(model, held, text, autocast, preprocess, untrained=(), chunk=256, progress=False):
-    """Held-out metrics (README: What the metrics mean), and notes on the metrics left out and why. held: from
-    Synthetic.held_out or Clips.held_out. Every accuracy and rank counts ties against the model."""
-    training, dev, untrained = model.training, next(model.parameters()).device, set(untrained)
-    model.eval()
-    video = held["video"]  # (clips, t, 3, H, W) uint8
-    metrics, notes = {"clips": len(video)}, []
-
-    def passes(what, n, fn):  # fn(slice) for the chunks of n passes, concatenated on the CPU
-        meter, out = Progress(f"eval {what}", n, progress), []
-        for s in range(0, n, chunk):
-            with autocast:
-                out.append(fn(slice(s, s + chunk)).float().cpu())
-            meter(min(chunk, n - s))
-        return torch.cat(out)
-
-    def joint(what, clip, ids, mask, head):  # head(Output, slice) of the joint pass of each (clip[i], ids[i]) pair
-        return passes(what, len(ids), lambda p: head(model(normalize(video[clip[p]].to(dev), preprocess),
-                                                           ids[p].to(dev), mask[p].to(dev)), p))
-
-    def vtm_right(clip, ids, mask, label):  # VTM said label (1 match, 0 no match) and meant it
-        logits = joint("VTM", clip, ids, mask, lambda o, p: model.vtm_head(o.pooled))
-        return strictly_best(logits, torch.full((len(ids),), label))
-
-    if "captions" in held:
-        c = held["captions"]
-        metrics["captions"] = len(c["ids"])
-        clips, first = torch.arange(len(video)), c["first"]  # each clip with one of its captions
-        ids, mask = c["ids"][first], c["mask"][first]
-        other = (c["label"][None] != c["clip_label"][:, None]) & (c["text"][None] != c["text"][first][:, None])
-        if "vtm_head" in untrained:
-            notes.append("vtm_acc left out: the VTM head was never trained")
-        elif not other.any():
-            notes.append("vtm_acc left out: it needs a caption of another held-out clip, with another text")
-        else:  # each clip with one of its captions, and with a caption of another clip that is a different text
-            lots = torch.rand(other.shape, generator=torch.Generator().manual_seed(1)).masked_fill(~other, -1)
-            wrong, has = lots.argmax(1), other.any(1)
-            matched = vtm_right(clips, ids, mask, 1)
-            metrics["vtm_acc"] = (matched.float().mean() + vtm_right(clips[has], c["ids"][wrong[has]],
-                                                                       c["mask"][wrong[has]], 0).float().mean()).item() / 2
-            if "swapped_ids" in c:  # synthetic: the same caption with its time words swapped
-                swapped = vtm_right(clips, c["swapped_ids"], c["swapped_mask"], 0)
-                metrics["vtm_acc_temporal"] = (matched.float().mean() + swapped.float().mean()).item() / 2
-        masked, labels = text.mask_words(ids, mask, model.cfg.vocab_size, torch.Generator().manual_seed(2))
-        picked = labels != -100
-        if "mlm_head" in untrained:
-            notes.append("mlm_acc left out: the MLM head was never trained")
-        elif not picked.any():
-            notes.append("mlm_acc left out: no held-out caption has a word to mask")
-        else:  # BERT masking with a fixed seed; right where the true word scores above every other
-            right = joint("MLM", clips, masked, mask, lambda o, p: strictly_best(
-                model.mlm_head(o.text)[picked[p].to(dev)], labels[p][picked[p]].to(dev)))
-            metrics["mlm_acc"] = right.mean().item()
-        if untrained & {"text_proj", "video_proj"}:
-            notes.append("retrieval left out: the contrastive projections were never trained (the checkpoint has "
-                         "none), so its numbers would be chance")
-        elif len(video) < 2:
-            notes.append("retrieval left out: it needs two held-out clips")
-        else:  # dual-stream: text-only against video-only features; a hit is a caption's own clip (or text)
-            t = passes("text", len(c["ids"]), lambda p: model.text_proj(
-                model.encode_text(c["ids"][p].to(dev), c["mask"][p].to(dev)).text[:, 0]))
-            v = passes("video", len(video), lambda p: model.video_proj(
-                model.encode_video(normalize(video[p].to(dev), preprocess)).video[:, 0]))
-            sim, hits = cosine_similarity(t, v), c["label"][:, None] == c["clip_label"][None]  # (captions, clips)
-            metrics.update(retrieval_metrics(first_hit_ranks(sim, hits), "t2v"))
-            metrics.update(retrieval_metrics(first_hit_ranks(sim.T, hits.T), "v2t"))
-
-    scorer_trained = "mc_head" not in untrained if model.cfg.mc_head else "vtm_head" not in untrained
-    for name, s in held.get("mc", {}).items():  # the right option must score above every other
-        if not scorer_trained:
-            notes.append(f"{name} left out: the multiple-choice scorer (the VTM head) was never trained")
-            continue
-        n, k = s["ids"].shape[:2]
-        scores = joint("options", s["clip"].repeat_interleave(k), s["ids"].flatten(0, 1), s["mask"].flatten(0, 1),
-                       lambda o, p: model.mc_score(o.pooled))
-        metrics[name] = strictly_best(scores.view(n, k), s["answer"]).float().mean().item()
-
-    if "qa" in held:
-        q = held["qa"]
-        if not model.cfg.num_answers or "qa_head" in untrained:
-            notes.append("qa_acc left out: the model has no trained QA head")
-        else:  # an answer outside the vocabulary (-1) is always wrong
-            logits = joint("QA", q["clip"], q["ids"], q["mask"], lambda o, p: model.qa_head(o.pooled))
-            right = strictly_best(logits, q["answer"].clamp(min=0)) & (q["answer"] >= 0)
-            metrics["qa_acc"] = right.float().mean().item()
-            for i, kind in enumerate(q["types"]):
-                if (q["type"] == i).any():
-                    metrics[f"qa_acc_{kind}"] = right[q["type"] == i].float().mean().item()
-            metrics["qa_unknown_answers"] = (q["answer"] < 0).float().mean().item()
-    model.train(training)
-    return metrics, notes
-
-
-# -----------------------------------------------------------------------------
-# Start points and checkpoints: what a run starts from, what it saves, and the folder it owns
 
 def read_start_point(opts):
-    """What the run starts from: {} from scratch; else the checkpoint (read without running code from it), and
-    whether it is ours (a train_tiny.py ckpt.pt: config, tokenizer and heads come from it) and a run to resume."""
+    """The checkpoint the run starts from (None: from scratch), read without running code from it."""
     if not (opts.resume or opts.init):
-        return {}
+        return None
     path = Path(opts.out) / "ckpt.pt" if opts.resume else Path(opts.init)
     try:
         ckpt = load_checkpoint(path)
@@ -1095,26 +941,23 @@ def read_start_point(opts):
     if not ours and not opts.vocab:
         raise BadInput(f"--init {path} is not a train_tiny.py checkpoint: an official one needs its BERT "
                        "vocabulary, --vocab vocab.txt")
-    start = dict(checkpoint=ckpt, path=path, ours=ours, resume=opts.resume)
-    if ours:
-        start["tokenizer"] = Tokenizer.from_str(ckpt["tokenizer"])
-    return start
+    return StartPoint(path, ckpt, ours, opts.resume, Tokenizer.from_str(ckpt["tokenizer"]) if ours else None)
 
 
 def preprocess_for(opts, start):
     """Frames as the start point saw them: an official checkpoint the official way, ours as it was trained."""
     if opts.preprocess != "auto":
         return opts.preprocess
-    if start.get("ours"):
-        return start["checkpoint"].get("preprocess", "ours")
-    return "official" if start else "ours"
+    if start is None:
+        return "ours"
+    return start.checkpoint.get("preprocess", "ours") if start.ours else "official"
 
 
 def answer_vocabulary(opts, start, rows):
     """The QA classes: a start point's own, else every training answer (or the --answers N most frequent, ties in
     alphabetical order); [] without a QA task."""
-    if start.get("ours") and start["checkpoint"].get("answers"):
-        return list(start["checkpoint"]["answers"])
+    if start is not None and start.ours and start.checkpoint.get("answers"):
+        return list(start.checkpoint["answers"])
     if opts.task != "qa":
         return []
     if rows is None:
@@ -1133,24 +976,23 @@ def build_model(opts, start, vocab_size, num_answers):
     if opts.task == "qa":
         task_head["num_answers"] = num_answers
     try:
-        if start.get("resume"):
-            cfg = Config(**start["checkpoint"]["config"])
-            model = AllInOne(cfg)
-            model.load_state_dict(start["checkpoint"]["model"])
-            untrained = set(start["checkpoint"].get("untrained", ()))
-        elif start:
-            ckpt = start["checkpoint"]
-            saved = ckpt["config"] if start["ours"] else {}  # an official checkpoint: the official model's settings
+        if start is not None and start.resume:
+            model = AllInOne(Config(**start.checkpoint["config"]))
+            model.load_state_dict(start.checkpoint["model"])
+            untrained = set(start.checkpoint.get("untrained", ()))
+        elif start is not None:
+            ckpt = start.checkpoint
+            saved = ckpt["config"] if start.ours else {}  # an official checkpoint: the official model's settings
             keep = {k: saved[k] for k in ("video_only_temporal", "video_pos_std", "video_time_std") if k in saved}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the run says which heads it lacks (untrained)
                 model = AllInOne.from_official(
-                    ckpt["model"] if start["ours"] else ckpt, frames=opts.frames or None,
+                    ckpt["model"] if start.ours else ckpt, frames=opts.frames or None,
                     heads=saved.get("heads") or opts.heads or None, temporal=opts.temporal or saved.get("temporal", "roll"),
                     fold_div=opts.fold_div or saved.get("fold_div", 8), dropout=opts.dropout, **keep, **task_head)
             untrained = set(ckpt.get("untrained", ())) | set(model.fresh_heads)
             if model.cfg.vocab_size != vocab_size:
-                raise BadInput(f"--init {start['path']} has a {model.cfg.vocab_size}-token vocabulary, the tokenizer "
+                raise BadInput(f"--init {start.path} has a {model.cfg.vocab_size}-token vocabulary, the tokenizer "
                                f"({opts.vocab or 'its own'}) {vocab_size}")
         else:
             cfg = Config.preset(opts.preset, vocab_size=vocab_size, frames=opts.frames or PRESETS[opts.preset]["frames"],
@@ -1165,6 +1007,107 @@ def build_model(opts, start, vocab_size, num_answers):
     return model, untrained, dataclasses.replace(opts, temporal=cfg.temporal, fold_div=cfg.fold_div, frames=cfg.frames)
 
 
+def read_vocab(path):
+    """A BERT vocab.txt: one token per line, the line number its id; every line a different, non-blank token."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInput(f"--vocab {path}: cannot read it ({e})") from None
+    vocab = {}
+    for n, word in enumerate(lines, 1):
+        if not word.strip():
+            raise BadInput(f"--vocab {path} line {n}: blank (a vocab.txt has one token per line)")
+        if word in vocab:
+            raise BadInput(f"--vocab {path} line {n}: {word!r} again (first on line {vocab[word] + 1})")
+        vocab[word] = n - 1
+    missing = [s for s in SPECIALS if s not in vocab]
+    if missing:
+        raise BadInput(f"--vocab {path} lacks the special tokens {missing}: is it a BERT vocab.txt?")
+    return vocab
+
+
+def make_optimizer(model, heads, opts, device):
+    """AdamW over the backbone and the task's heads (the other heads are frozen, so DDP finds a gradient for every
+    parameter it syncs). As the official code: no weight decay on biases and LayerNorm weights, the QA head at 10x
+    the learning rate (group["lr_mult"]). Returns (optimizer, the parameters it trains)."""
+    groups = {}
+    for name, p in model.named_parameters():
+        head = name.split(".")[0]
+        p.requires_grad_(head not in HEADS or head in heads)
+        if p.requires_grad:
+            groups.setdefault((p.ndim >= 2, 10.0 if head == "qa_head" else 1.0), []).append(p)
+    optimizer = torch.optim.AdamW([dict(params=ps, weight_decay=opts.weight_decay if decay else 0.0, lr_mult=mult)
+                                   for (decay, mult), ps in groups.items()],
+                                  lr=opts.lr, betas=(0.9, 0.98), fused=device.type in ("cuda", "cpu"))
+    return optimizer, [p for ps in groups.values() for p in ps]
+
+
+def summary(opts, model, device, world, resumed_at, folder):
+    """The line a run starts with: the model, the device, the batch."""
+    cfg = model.cfg
+    return (f"All-in-One, task {opts.task}, temporal {cfg.temporal}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M"
+            f" parameters, {cfg.frames} frames of {cfg.image_size} px; {device}, {world} process(es), batch {opts.batch}"
+            + (f"; resumed from {folder.ckpt} at step {resumed_at}" if resumed_at else ""))
+
+
+# --- checkpoints and the run folder
+
+
+@dataclass
+class Checkpoint:
+    """What ckpt.pt holds, saved as a plain dict of tensors and plain containers (allinone.load_checkpoint reads it)."""
+    config: dict  # allinone.Config's fields
+    options: dict  # every Options field: what --resume continues with
+    tokenizer: str  # the tokenizer as JSON (tokenizers.Tokenizer.from_str)
+    preprocess: str  # how frames were normalised: "ours" | "official"
+    answers: list  # the QA answer vocabulary ([] without a QA head)
+    untrained: list  # heads never trained: evaluation leaves out what they would score
+    model: dict = None  # the model's state dict
+    optimizer: dict = None  # AdamW's state dict
+    scaler: dict = None  # the fp16 loss scaler's
+    step: int = 0  # optimizer steps taken
+    rng: dict = None  # the torch (and CUDA) random states
+
+
+def save_checkpoint(folder, ckpt, model, optimizer, scaler, step, first_bad):
+    """OUT/ckpt.pt with the run's state at this step, written atomically by the main process, once every loss so far
+    and every weight is finite."""
+    stop_if_not_finite(first_bad, folder, model, step)
+    if folder.main:
+        state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step,
+                     rng=rng_state())
+        save_atomic(vars(dataclasses.replace(ckpt, **state)), folder.ckpt)
+
+
+def stop_if_not_finite(first_bad, folder, model=None, step=None):
+    """Stop the run, before a checkpoint or a number is written, at the first non-finite loss (first_bad: its step,
+    -1 for none) or weight: the last good checkpoint stays."""
+    bad = int(first_bad)
+    if bad < 0 and model is not None and not all(torch.isfinite(p).all() for p in model.parameters()):
+        bad = step
+    if bad >= 0:
+        kept = f"{folder.ckpt} is from before it" if folder.ckpt.exists() else "no checkpoint was written"
+        raise BadInput(f"step {bad}: the loss or the weights are not finite (NaN or inf): stopped; {kept}. "
+                       "A smaller --lr, or a larger --temperature, may help")
+
+
+def report(folder, opts, cfg, step, evaluated, data, **extra):
+    """An evaluation: its notes and metrics printed, its row added to OUT/metrics.jsonl, and returned."""
+    metrics, notes = evaluated
+    for note in notes:
+        print(f"note: {note}")
+    row = dict(step=step, task=opts.task, temporal=cfg.temporal, **metrics, **extra)
+    if data.skipped:
+        row.update(skipped_clips=data.skipped.count, truncated_captions=data.truncated)
+    append_line(folder.path / "metrics.jsonl", json.dumps(row))
+    if opts.eval_only:
+        print("\n".join(f"{k:>22}  {v:.4f}" if isinstance(v, float) else f"{k:>22}  {v}" for k, v in row.items()))
+    else:
+        print("eval " + " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+              flush=True)
+    return row
+
+
 class RunFolder:
     """--out holds one run. A lock, held for the whole run, makes a second run on the folder fail at once (the
     operating system drops it when the process ends, however it ends). A folder that holds a run is refused unless
@@ -1173,6 +1116,7 @@ class RunFolder:
 
     def __init__(self, opts, main=True):
         self.opts, self.main, self.path, self.lock = opts, main, Path(opts.out), None
+        self.ckpt = self.path / "ckpt.pt"
 
     def __enter__(self):
         if not self.main:
@@ -1192,12 +1136,12 @@ class RunFolder:
         self.lock.flush()
         for tmp in self.path.glob("ckpt.pt.*.tmp"):  # a write cut short by a killed run
             tmp.unlink()
-        o = self.opts
-        held = [p for p in (self.path / "ckpt.pt", self.path / "metrics.jsonl") if p.exists()]
-        if o.eval_only and not o.resume:  # evaluations of other checkpoints may share a folder, not with a run
+        opts = self.opts
+        held = [p for p in (self.ckpt, self.path / "metrics.jsonl") if p.exists()]
+        if opts.eval_only and not opts.resume:  # evaluations of other checkpoints may share a folder, not with a run
             held = [p for p in held if p.name == "ckpt.pt"]
-        if held and not o.resume:
-            if not o.restart:
+        if held and not opts.resume:
+            if not opts.restart:
                 self.__exit__()
                 raise BadInput(f"--out {self.path} holds a run ({', '.join(p.name for p in held)}): --resume continues "
                                f"it, --restart moves it to {self.path}/previous-<time>/ and starts over, or choose "
@@ -1241,6 +1185,11 @@ def save_atomic(obj, path):
         Path(tmp).unlink(missing_ok=True)
 
 
+def append_line(path, line):
+    with open(path, "a") as f:
+        f.write(line + "\n")
+
+
 def rng_state():
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -1254,8 +1203,192 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# =============================================================================
-# Real clips (--data, --val-data): frames sampled as in the paper's code, decoded with PyAV by seeking to the
+# --- evaluation's passes over the held-out clips
+
+
+class Passes:
+    """The model's passes over held-out clips: in chunks, under autocast, gathered on the CPU in float32."""
+
+    def __init__(self, model, video, autocast, preprocess, progress=False, chunk=256):
+        self.model, self.video, self.autocast, self.preprocess = model, video, autocast, preprocess
+        self.progress, self.chunk, self.device = progress, chunk, next(model.parameters()).device
+
+    def run(self, what, n, fn, chunk=None):  # fn(slice) over the chunks of range(n), concatenated
+        chunk, meter, out = chunk or self.chunk, Progress(f"eval {what}", n, self.progress), []
+        for s in range(0, n, chunk):
+            with self.autocast:
+                out.append(fn(slice(s, s + chunk)).float().cpu())
+            meter(min(chunk, n - s))
+        return torch.cat(out)
+
+    def clips(self, index):  # model input for the clips at index: (len, t, 3, H, W)
+        return normalize(self.video[index].to(self.device), self.preprocess)
+
+    def joint(self, what, clip, ids, mask, head):  # head(Output, slice) of the joint pass of each (clip[i], ids[i])
+        return self.run(what, len(ids), lambda s: head(
+            self.model(self.clips(clip[s]), ids[s].to(self.device), mask[s].to(self.device)), s))
+
+
+
+# --- devices, precision, memory, time
+
+
+def pick_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())  # under torchrun: this process's GPU
+    return torch.device(name)
+
+
+def mixed_precision(device):
+    """(autocast, loss scaler): bf16 where the GPU has it natively (Ampere and later), fp16 with a loss scaler on older
+    GPUs and on MPS, full precision on the CPU. The scaler does nothing when disabled, so the loop has one path."""
+    if device.type == "cpu":
+        return torch.autocast("cpu", enabled=False), torch.amp.GradScaler("cpu", enabled=False)
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    dtype = torch.bfloat16 if bf16 else torch.float16
+    return torch.autocast(device.type, dtype=dtype), torch.amp.GradScaler(device.type, enabled=not bf16)
+
+
+def keep_freed_memory():
+    """On Linux, glibc's allocator hands big freed blocks back to the system and takes them again on the next step,
+    faulting every page in (benchmarks/README.md). Keep them, as the jemalloc that PyTorch's CPU tuning guide
+    suggests would. Elsewhere, nothing."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MB (glibc's most) come from the heap ...
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: ... which keeps up to 1 GB of freed memory
+
+
+def sync(device):  # wait for the device, so that a clock reading means what it says
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+class Clock:
+    """Wall time, and training time: wall time less what was spent in paused() (evaluation, checkpoints)."""
+
+    def __init__(self, device):
+        self.device, self.start, self.paused_s = device, time.perf_counter(), 0.0
+
+    @contextlib.contextmanager
+    def paused(self):
+        sync(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - start
+
+    def wall(self):
+        return time.perf_counter() - self.start
+
+    def training(self):
+        sync(self.device)
+        return self.wall() - self.paused_s
+
+
+class Progress:
+    """A line every few seconds while something long runs: how far, how fast, how long still."""
+
+    def __init__(self, what, total, loud, every=10.0):
+        self.what, self.total, self.loud, self.every = what, total, loud, every
+        self.done, self.start, self.last = 0, time.perf_counter(), time.perf_counter()
+
+    def __call__(self, n):
+        self.done += n
+        now = time.perf_counter()
+        finished_late = self.done == self.total and now - self.start > self.every
+        if self.loud and (now - self.last > self.every or finished_late):
+            rate = self.done / max(now - self.start, 1e-9)
+            print(f"{self.what}: {self.done}/{self.total}, {rate:.1f}/s, {(self.total - self.done) / rate:.0f} s left",
+                  flush=True)
+            self.last = now
+
+
+# --- FLOP counting
+
+
+def flop_counter():
+    """torch's FLOP counter, taught the CPU attention kernels it does not count by itself (torch 2.13)."""
+    aten = torch.ops.aten
+    return FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda g, q, k, v, *_, **__: sdpa_backward_flop_count(g, q, k, v),
+    })
+
+
+def count_flops(objective, batch, device):
+    """FLOPs of one forward and backward on the batch; the gradients are thrown away and the random state is left
+    as it was, so that the run goes on as if this had not happened."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), flop_counter() as counter:
+        objective(batch)["loss"].backward()
+    objective.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+# --- several processes: torchrun, DDP
+
+
+def start_processes(opts):
+    """(rank, world size): under torchrun, each process takes its own GPU (before the process group starts)."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available() and opts.device in ("auto", "cuda")
+        if cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def distributed(objective, world, compile):
+    """The training step: DDP under torchrun (every parameter that needs a gradient gets one: no search for unused
+    ones), compiled with --compile."""
+    if world > 1:
+        objective = nn.parallel.DistributedDataParallel(objective, find_unused_parameters=False)
+    return torch.compile(objective) if compile else objective
+
+
+class GatherRows(torch.autograd.Function):
+    """Every process's rows, in rank order. Each process computes the same loss over all rows, so the gradient of its
+    own rows is the sum of what every process finds for them."""
+
+    @staticmethod
+    def forward(ctx, x):
+        rows = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(rows, x.contiguous())
+        return torch.cat(rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def gather(x):  # all processes' rows, with gradients (x itself without torchrun)
+    return GatherRows.apply(x) if dist.is_initialized() else x
+
+
+def mlm_share(labels):
+    """The weight that makes the MLM loss a mean over every process's masked words: this process's share of them
+    times the number of processes (1 without torchrun)."""
+    if not dist.is_initialized():
+        return 1
+    count = (labels != -100).sum()
+    every = count.clone()
+    dist.all_reduce(every)
+    return count * dist.get_world_size() / every.clamp(min=1)
+
+
+# --- real clips (--data, --val-data): frames sampled as in the paper's code, decoded with PyAV by seeking to the
 # keyframe before each; data files; a dataset and a distributed sampler. The synthetic run uses none of this.
 
 
@@ -1508,6 +1641,11 @@ def read_data(opts):
     return rows
 
 
+def texts_of(rows):
+    """The texts of data-file rows (captions, options, questions): what a word-level vocabulary is made of."""
+    return [t for r in rows for t in [r.get("caption"), r.get("question"), *r.get("options", [])] if t]
+
+
 # --- dataset, sampler, data source
 
 
@@ -1655,7 +1793,7 @@ class Clips:
             meter(1)
         if not videos:
             self.skipped.stop("no held-out clip could be loaded")
-        held, n = dict(video=torch.cat(videos)), len(videos)
+        held, n = HeldOut(torch.cat(videos)), len(videos)
         clip = torch.tensor([c for c, rs in enumerate(rows) for _ in rs])  # the clip of each row
         flat = [r for rs in rows for r in rs]
         if self.kind == "captions":  # a caption's hit is its own clip; a clip's, any of its captions
@@ -1663,21 +1801,20 @@ class Clips:
             texts = {t: i for i, t in enumerate(dict.fromkeys(captions))}
             ids, mask = self.text(captions)
             first = torch.tensor([0] + [len(rs) for rs in rows[:-1]]).cumsum(0)
-            held["captions"] = dict(ids=ids, mask=mask, clip=clip, first=first, label=clip, clip_label=torch.arange(n),
-                                    text=torch.tensor([texts[t] for t in captions]))
+            held.captions = Captions(ids, mask, first=first, label=clip, clip_label=torch.arange(n),
+                                     text=torch.tensor([texts[t] for t in captions]))
         elif self.kind == "mc":
-            ids, mask = self.text([t for r in flat for t in r["options"]])
             k = len(flat[0]["options"])
             if any(len(r["options"]) != k for r in flat):
                 raise BadInput(f"{self.opts.val_data}: every row needs the same number of options ({k})")
-            held["mc"] = {"mc_acc": dict(ids=ids.view(len(flat), k, -1), mask=mask.view(len(flat), k, -1), clip=clip,
-                                         answer=torch.tensor([r["answer"] for r in flat]))}
+            ids, mask = self.text([t for r in flat for t in r["options"]])
+            held.choices["mc_acc"] = Choices(ids.view(len(flat), k, -1), mask.view(len(flat), k, -1), clip,
+                                             torch.tensor([r["answer"] for r in flat]))
         else:
             ids, mask = self.text([r["question"] for r in flat])
-            types = sorted({r["type"] for r in flat if r["type"]})
-            held["qa"] = dict(ids=ids, mask=mask, clip=clip, types=types,
-                              answer=torch.tensor([self.answers.get(r["answer"], -1) for r in flat]),
-                              type=torch.tensor([types.index(r["type"]) if r["type"] else -1 for r in flat]))
+            kinds = sorted({r["type"] for r in flat if r["type"]})
+            held.questions = Questions(ids, mask, clip, torch.tensor([self.answers.get(r["answer"], -1) for r in flat]),
+                                       torch.tensor([kinds.index(r["type"]) if r["type"] else -1 for r in flat]), kinds)
         if self.rank == 0:
             print(f"held out: {n} clips, {len(flat)} rows")
         return held
@@ -1686,21 +1823,6 @@ class Clips:
         video, _, _ = collate([ClipDataset(self.rows, self.cfg.frames, self.cfg.image_size, False, "ours")[(i, 0)]
                                for i in range(min(k, len(self.rows)))])
         return video.float() / 255, [r.get("caption") or r.get("question") or "" for r in self.rows[:k]]
-
-
-# -----------------------------------------------------------------------------
-
-
-def main(argv=None):
-    opts = parse_options(argv)
-    warnings.filterwarnings("once")
-    try:
-        ablation(opts) if opts.ablation else train(opts)
-    except BadInput as e:
-        sys.exit(f"error: {e}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
