@@ -12,9 +12,9 @@ Train All-in-One (allinone.py) in minutes: on synthetic clips by default, on you
 The synthetic clips show one coloured shape that moves left, right, up or down, appears or disappears. Colour and
 shape can be read from any single frame; the motion only from the order of the frames.
 
-Read from main() down: options, the synthetic world, tokens, the objectives, the synthetic data, the training loop,
-evaluation. Below the banner (=====) is the toolbox the run calls by name: option checks, start points, the run
-folder, devices, DDP, and the real-clip path (PyAV, data files).
+Read top to bottom: options, the synthetic world, tokens, the objectives, the synthetic data, the training loop
+(train), evaluation, and main, which runs it. Below the banner (=====) is the toolbox the run calls by name: option
+checks, start points, the run folder, devices, DDP, and the real-clip path (PyAV, data files).
 """
 
 import argparse
@@ -551,8 +551,8 @@ class Captions:
     ids: torch.Tensor  # (captions, l) token ids
     mask: torch.Tensor  # (captions, l) 1 = a real token
     first: torch.Tensor  # (clips,) the caption VTM and MLM pair each clip with (one of its own)
-    label: torch.Tensor  # (captions,) a caption belongs to a clip when its label is the clip's clip_label: for data
-    clip_label: torch.Tensor  # (clips,)  files the clip's index; synthetic, the caption's index in the bank
+    label: torch.Tensor  # (captions,) a caption belongs to the clips whose clip_label is its label
+    clip_label: torch.Tensor  # (clips,) data files: the clip's index; synthetic: its caption's index in the bank
     text: torch.Tensor  # (captions,) which distinct text each caption is (VTM's wrong caption is another text)
     swapped_ids: Optional[torch.Tensor] = None  # (clips, l) synthetic: each clip's caption with its time words
     swapped_mask: Optional[torch.Tensor] = None  # swapped, which only the order of the frames tells apart
@@ -669,8 +669,9 @@ def retrieval(p, c, untrained, notes):
 
 def choice_metrics(p, name, choices, untrained, notes):
     """Multiple choice: the right option must score above every other (mc_head, or zero-shot the VTM match logit)."""
-    if "mc_head" in untrained if p.model.cfg.mc_head else "vtm_head" in untrained:
-        notes.append(f"{name} left out: the multiple-choice scorer (the VTM head) was never trained")
+    scorer = "mc_head" if p.model.cfg.mc_head else "vtm_head"
+    if scorer in untrained:
+        notes.append(f"{name} left out: the multiple-choice scorer ({scorer}) was never trained")
         return {}
     k, dev = choices.ids.shape[1], p.device
     scores = p.run("options", len(choices.ids), lambda s: p.model.score_options(
@@ -701,8 +702,10 @@ def main(argv=None):
             write_samples(opts)
         elif opts.eval_only:
             evaluate_only(opts)
+        elif opts.ablation:
+            ablation(opts)
         else:
-            ablation(opts) if opts.ablation else train(opts)
+            train(opts)
     except BadInput as e:  # bad input: one line naming the flag, the file or the row, and exit status 1
         sys.exit(f"error: {e}")
     finally:
