@@ -8,7 +8,7 @@ previous and next frame (temporal token rolling), so frames see each other at no
 FLOPs. Outputs are averaged over frames.
 
 This file: config and presets, temporal rolling, the model (embeddings, blocks, heads), the losses
-(VTM, MLM, contrastive) and loading of official checkpoints, without running code from the file.
+(VTM, MLM, contrastive), the metrics, and loading of official checkpoints without running code from the file.
 
 Shape letters, used everywhere:
   b batch   t frames   n video tokens per frame (video [CLS] included)   l text length   d width
@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, reduce, repeat
+from torch.utils.checkpoint import checkpoint
 
 # BERT uncased special tokens: what official checkpoints were trained with.
 PAD_ID, CLS_ID, SEP_ID, MASK_ID = 0, 101, 102, 103
@@ -57,6 +58,7 @@ class Config:
     video_time_std: float = 0.0  # init std of the video time (temporal) embedding (official: zeros)
     num_answers: int = 0  # > 0 adds the open-ended QA classifier
     mc_head: bool = False  # adds the multiple-choice scorer (official rank_output)
+    checkpointing: bool = False  # in training, keep only each block's input and recompute the rest in backward
 
     def __post_init__(self):
         if self.dim % self.heads:
@@ -125,6 +127,15 @@ def temporal_roll(x, fold_div=8):
     fold = roll_fold(n, fold_div)
     cls, prev, own, nxt = x.split([1, fold, n - 1 - 2 * fold, fold], dim=2)
     return torch.cat([cls, prev.roll(1, dims=1), own, nxt.roll(-1, dims=1)], dim=2)
+
+
+def token_origins(frames, n, fold_div, depth):
+    """The frame each slot's token started in, at the input of each block: (depth, t, n). The roll runs before every
+    block, so at block k (from 0) a "previous" slot of frame i holds the token of frame i - (k + 1), a "next" slot that
+    of frame i + k + 1 (mod t); the video [CLS] and the middle slots never move."""
+    fold = roll_fold(n, fold_div)
+    k, i, slot = torch.arange(1, depth + 1)[:, None, None], torch.arange(frames)[None, :, None], torch.arange(n)
+    return torch.where((slot >= 1) & (slot <= fold), (i - k) % frames, torch.where(slot >= n - fold, (i + k) % frames, i))
 
 
 # -----------------------------------------------------------------------------
@@ -299,7 +310,7 @@ class AllInOne(nn.Module):
             if roll:  # temporal token rolling: exchange tokens with the neighbouring frames; the text stays where it is
                 video = rearrange(x[:, l:], "(b t) n d -> b t n d", t=t)
                 x = torch.cat([x[:, :l], rearrange(temporal_roll(video, self.cfg.fold_div), "b t n d -> (b t) n d")], 1)
-            x = block(x, mask)
+            x = self.run_block(block, x, mask)
         return reduce(self.norm(x), "(b t) s d -> b s d", "mean", t=t)  # average the frames' views of each token
 
     def run_flat(self, text, video, mask):
@@ -310,9 +321,16 @@ class AllInOne(nn.Module):
             x = torch.cat([text, x], 1)
             mask = F.pad(mask, (0, x.shape[1] - l), value=True)
         for block in self.blocks:
-            x = block(x, mask)
+            x = self.run_block(block, x, mask)
         x = self.norm(x)
         return torch.cat([x[:, :l], reduce(x[:, l:], "b (t n) d -> b n d", "mean", t=t)], 1)
+
+    def run_block(self, block, x, mask):
+        """One block; with cfg.checkpointing and gradients on, activation checkpointing: the block's activations are
+        recomputed in backward instead of kept (the same outputs and gradients, for less memory and more time)."""
+        if self.cfg.checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, mask, use_reentrant=False)
+        return block(x, mask)
 
     def pool(self, x):  # first token -> (b, d)
         return torch.tanh(self.pooler(x[:, 0]))

@@ -9,9 +9,6 @@ Train All-in-One (allinone.py) in minutes: on synthetic clips by default, on you
     python train_tiny.py --data clips.csv --vocab vocab.txt --init all-in-one-base.ckpt
     torchrun --nproc_per_node=4 train_tiny.py ...     # the same loop on several GPUs (DDP)
 
-The synthetic clips show one coloured shape that moves left, right, up or down, appears or disappears. Colour and
-shape can be read from any single frame; the motion only from the order of the frames.
-
 Read top to bottom: options, the synthetic world, tokens, the objectives, the synthetic data, the training loop
 (train), evaluation, and main, which runs it. Below the banner (=====) is the toolbox the run calls by name: option
 checks, start points, the run folder, devices, DDP, and the real-clip path (PyAV, data files).
@@ -100,6 +97,7 @@ class Options:
     # evaluation and output
     eval_every: int = option(None, "evaluate on the held-out set every N steps and at the end")
     eval_clips: int = option(512, "held-out clips to evaluate on")
+    order_test: bool = option(False, "also evaluate with each clip's frames reversed and shuffled (*_reversed, ...)")
     log_every: int = option(100, "print a log line every N steps")
     ckpt_every: int = option(None, "write OUT/ckpt.pt every N steps (and before each evaluation, at the end, Ctrl-C)")
     out: str = option("out/tiny", "run folder: ckpt.pt, metrics.jsonl; one run per folder")
@@ -118,6 +116,9 @@ class Options:
     max_bad_share: float = option(0.1, "stop when more than this share of clips fail to load")
     # the machine
     device: str = option("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
+    precision: str = option("auto", "auto (a GPU: bf16, or fp16 where it has none; the CPU: fp32) | fp32 | bf16 | fp16")
+    accum: int = option(1, "gradient accumulation: each step's batch in N micro-batches, for less memory")
+    checkpointing: bool = option(False, "activation checkpointing of the blocks: less memory, more time")
     compile: bool = option(False, "torch.compile the training step")
 
 
@@ -207,28 +208,9 @@ def render(captions, frames, size, generator):
 
 
 # -----------------------------------------------------------------------------
-# Tokens: a word-level vocabulary of the texts, or BERT's WordPiece from a vocab.txt; pixels: normalised
+# Tokens (make_tokenizer: a word-level vocabulary of the texts, or BERT's WordPiece from a vocab.txt); pixels
 
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-SYNTHETIC_TEXTS = [caption_text(i) for i in range(len(CAPTIONS))] + list(QUESTIONS.values())
-
-
-def make_tokenizer(vocab_file, texts):
-    """BERT's WordPiece from a vocab.txt, or else a word-level vocabulary of the texts, with BERT's special tokens."""
-    if vocab_file:
-        vocab = read_vocab(vocab_file)
-        tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    else:
-        normalizer, split = normalizers.Lowercase(), pre_tokenizers.Whitespace()
-        words = {w for c in texts for w, _ in split.pre_tokenize_str(normalizer.normalize_str(c))}
-        vocab = {w: i for i, w in enumerate(SPECIALS + sorted(words))}
-        tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-        tok.normalizer, tok.pre_tokenizer = normalizer, split
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[(s, vocab[s]) for s in ("[CLS]", "[SEP]")])
-    return tok
+SYNTHETIC_TEXTS = [caption_text(i) for i in range(len(CAPTIONS))] + list(QUESTIONS.values())  # its vocabulary
 
 
 class Text:
@@ -295,7 +277,7 @@ class Pretrain(nn.Module):
         if "mlm_ids" in batch:
             k = len(batch["mlm_ids"])
             logits = m.mlm_head(m(batch["video"][:k], batch["mlm_ids"], batch["mlm_mask"]).text)
-            out["mlm"] = mlm_loss(logits, batch["mlm_labels"]) * mlm_share(batch["mlm_labels"])
+            out["mlm"] = mlm_loss(logits, batch["mlm_labels"]) * batch.get("mlm_share", 1)  # micro_batches: why
         # Contrastive (unimodal passes): the video alone against the texts alone
         video = m.video_proj(m.encode_video(batch["video"]).video[:, 0])  # (b, contrastive_dim)
         text = m.text_proj(m.encode_text(batch["text_ids"], batch["text_mask"]).text[:, 0])
@@ -459,7 +441,7 @@ def train(opts):
     """Pre-train or fine-tune as the options say; returns the last evaluation's metrics (None on other processes)."""
     rank, world = start_processes(opts)  # under torchrun: one process per GPU
     device = pick_device(opts.device)
-    autocast, scaler = mixed_precision(device)  # bf16, or fp16 with a loss scaler, or float32 on the CPU
+    autocast, scaler = mixed_precision(device, opts.precision)  # bf16, fp16 with a loss scaler, or fp32
     say = print if rank == 0 else lambda *args, **kwargs: None
     with RunFolder(opts, main=rank == 0) as folder:
         opts, model, data, ckpt = setup(opts, device, rank, world)
@@ -485,24 +467,26 @@ def train(opts):
         first_bad = torch.full((), -1, device=device)  # the first step whose loss was not finite, noted on the device
         try:
             for batch in data.batches(step):
-                flops = flops or count_flops(objective, batch, device) / len(batch["video"])
                 for group in optimizer.param_groups:  # warm-up, then cosine decay
                     group["lr"] = lr_at(step, opts) * group["lr_mult"]
-                with autocast:
-                    out = step_fn(batch)
-                scaler.scale(out["loss"]).backward()
+                bad = torch.zeros((), dtype=torch.bool, device=device)
+                for i, micro in enumerate(micro_batches(batch, opts.accum, data.shared)):  # --accum N: N slices
+                    flops = flops or count_flops(objective, micro, device) / len(micro["video"])
+                    with autocast, grad_sync(step_fn, i == opts.accum - 1):  # DDP syncs the last one's gradients
+                        out = step_fn(micro)
+                    scaler.scale(out["loss"] / opts.accum).backward()
+                    bad |= ~torch.isfinite(out["loss"].detach())
+                    for name, value in out.items():
+                        totals[name] = totals.get(name, 0) + value.detach().float() / opts.accum
                 scaler.unscale_(optimizer)
                 norm = nn.utils.clip_grad_norm_(params, opts.clip_grad)
                 scaler.step(optimizer)  # skips the step when fp16 gradients overflowed, and lowers the scale
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                # the NaN guard, without waiting for the device: a non-finite loss, or gradient where no scaler
-                # handles it
-                bad = ~torch.isfinite(out["loss"].detach()) | (~torch.isfinite(norm) & (not scaler.is_enabled()))
+                # the NaN guard, without waiting for the device: a non-finite loss, or gradient where no scaler skips
+                bad |= ~torch.isfinite(norm) & (not scaler.is_enabled())
                 first_bad = torch.where((first_bad < 0) & bad, step, first_bad)
-                for name, value in out.items():
-                    totals[name] = totals.get(name, 0) + value.detach().float()
                 if step % opts.log_every == 0 or step == opts.steps:
                     stop_if_not_finite(first_bad, folder)
                     say(log_line(step, opts, totals, step - logged, (step - start) * opts.batch / clock.training(),
@@ -514,7 +498,8 @@ def train(opts):
                         save_checkpoint(folder, ckpt, model, optimizer, scaler, step, first_bad)
                 if evaluating and rank == 0:
                     with clock.paused():
-                        metrics = evaluate(model, held, data.text, autocast, ckpt.preprocess, ckpt.untrained)
+                        metrics = evaluate(model, held, data.text, autocast, ckpt.preprocess, ckpt.untrained,
+                                           order_test=opts.order_test)
                     last = report(folder, opts, model.cfg, step, metrics, data, clips_per_s=(step - start) * opts.batch
                                   / clock.training(), wall_s=clock.wall(), flops_per_clip=flops)
         except KeyboardInterrupt:
@@ -530,15 +515,6 @@ def lr_at(step, opts):
         return opts.lr * (step + 1) / opts.warmup
     progress = min(1.0, (step - opts.warmup) / max(1, opts.horizon - opts.warmup))
     return opts.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def log_line(step, opts, totals, steps, clips_per_s, skipped):
-    """step | loss (its parts) | learning rate | speed | time left, from the sums of the last `steps` steps."""
-    mean = {k: v.item() / steps for k, v in totals.items()}
-    parts = " ".join(f"{k} {v:.3f}" for k, v in mean.items() if k != "loss")
-    return (f"step {step:5d}/{opts.steps} | loss {mean['loss']:.3f} ({parts}) | lr {lr_at(step - 1, opts):.1e} | "
-            f"{clips_per_s:.0f} clips/s | ETA {(opts.steps - step) * opts.batch / clips_per_s / 60:.1f} min"
-            + (f" | skipped {skipped.count} clips" if skipped else ""))
 
 
 # -----------------------------------------------------------------------------
@@ -588,12 +564,26 @@ class HeldOut:
 
 
 @torch.no_grad()
-def evaluate(model, held, text, autocast, preprocess, untrained=(), progress=False):
-    """Held-out metrics (README: what the metrics mean) and notes on the metrics left out and why."""
+def evaluate(model, held, text, autocast, preprocess, untrained=(), progress=False, order_test=False):
+    """Held-out metrics (README: what the metrics mean) and notes on the metrics left out and why. order_test: the
+    main metrics again with each clip's frames reversed, then shuffled (t2v_r1_reversed, ...)."""
     training, untrained, notes = model.training, set(untrained), []
     model.eval()
     p = Passes(model, held.video, autocast, preprocess, progress)
-    metrics = {"clips": len(held.video)}
+    metrics = {"clips": len(held.video), **metrics_of(p, held, text, untrained, notes)}
+    if order_test:
+        for name, order in frame_orders(p.frames).items():
+            again = metrics_of(p.reordered(order), held, text, untrained, [])
+            metrics.update({f"{k}_{name}": v for k, v in again.items() if k in ORDER_TEST})
+    model.train(training)
+    return metrics, notes
+
+
+ORDER_TEST = ("t2v_r1", "v2t_r1", "vtm_acc", "mc_acc", "qa_acc")  # what --order-test reports again
+
+
+def metrics_of(p, held, text, untrained, notes):
+    metrics = {}
     if held.captions is not None:
         metrics["captions"] = len(held.captions.ids)
         metrics.update(vtm_metrics(p, held.captions, untrained, notes))
@@ -603,8 +593,7 @@ def evaluate(model, held, text, autocast, preprocess, untrained=(), progress=Fal
         metrics.update(choice_metrics(p, name, choices, untrained, notes))
     if held.questions is not None:
         metrics.update(qa_metrics(p, held.questions, untrained, notes))
-    model.train(training)
-    return metrics, notes
+    return metrics
 
 
 def vtm_metrics(p, c, untrained, notes):
@@ -618,18 +607,42 @@ def vtm_metrics(p, c, untrained, notes):
         notes.append("vtm_acc left out: it needs a caption of another held-out clip, with another text")
         return {}
 
-    def said(clip, ids, mask, label):  # 1 where the VTM head said label (1 match, 0 no match) and meant it
-        logits = p.joint("VTM", clip, ids, mask, lambda out, s: p.model.vtm_head(out.pooled))
-        return strictly_best(logits, torch.full((len(ids),), label)).float()
-
     clips, has = torch.arange(len(c.first)), other.any(1)
     lots = torch.rand(other.shape, generator=torch.Generator().manual_seed(1)).masked_fill(~other, -1)
     wrong = lots.argmax(1)[has]  # for each clip, one of those captions at random (a fixed seed)
-    matched = said(clips, c.ids[c.first], c.mask[c.first], 1)
-    metrics = dict(vtm_acc=(matched.mean() + said(clips[has], c.ids[wrong], c.mask[wrong], 0).mean()).item() / 2)
+    own = vtm_logits(p, clips, c.ids[c.first], c.mask[c.first])
+    metrics = dict(vtm_acc=(said(own, 1).mean() + said(vtm_logits(p, clips[has], c.ids[wrong], c.mask[wrong]), 0)
+                            .mean()).item() / 2)
     if c.swapped_ids is not None:
-        swapped = said(clips, c.swapped_ids, c.swapped_mask, 0)
-        metrics["vtm_acc_temporal"] = (matched.mean() + swapped.mean()).item() / 2
+        swapped = vtm_logits(p, clips, c.swapped_ids, c.swapped_mask)
+        metrics["vtm_acc_temporal"] = (said(own, 1).mean() + said(swapped, 0).mean()).item() / 2
+        if p.order is None:
+            metrics.update(order_test(p, c, own, swapped))
+    return metrics
+
+
+def vtm_logits(p, clip, ids, mask):  # (pairs, 2): the VTM head on the joint pass of each (clip[i], ids[i])
+    return p.joint("VTM", clip, ids, mask, lambda out, s: p.model.vtm_head(out.pooled))
+
+
+def said(logits, label):  # 1 where the VTM head said label (1 match, 0 no match) and meant it
+    return strictly_best(logits, torch.full((len(logits),), label)).float()
+
+
+def order_test(p, c, own, swapped):
+    """The frame-order test (synthetic): a clip's decision is whether its own caption's match logit is above its
+    time-swapped caption's; order_flip is the share of clips whose decision changes when their frames are reversed
+    (a model that reads order flips them all: reversed "moves left" is "moves right"). vtm_acc_temporal_shuffled:
+    vtm_acc_temporal with the frames in a fixed shuffled order."""
+    clips, orders, metrics = torch.arange(len(own)), frame_orders(p.frames), {}
+    rev = p.reordered(orders["reversed"])
+    flipped = (own[:, 1] > swapped[:, 1]) != (vtm_logits(rev, clips, c.ids[c.first], c.mask[c.first])[:, 1]
+                                              > vtm_logits(rev, clips, c.swapped_ids, c.swapped_mask)[:, 1])
+    metrics["order_flip"] = flipped.float().mean().item()
+    if "shuffled" in orders:
+        q = p.reordered(orders["shuffled"])
+        metrics["vtm_acc_temporal_shuffled"] = (said(vtm_logits(q, clips, c.ids[c.first], c.mask[c.first]), 1).mean()
+                                                + said(vtm_logits(q, clips, c.swapped_ids, c.swapped_mask), 0).mean()).item() / 2
     return metrics
 
 
@@ -725,8 +738,8 @@ class BadInput(ValueError):
 
 # --- options: parsing, checks, and what a resumed run may change
 
-MAY_CHANGE_ON_RESUME = {"steps", "log_every", "eval_every", "ckpt_every", "workers", "device", "compile", "out",
-                        "resume", "eval_only"}  # nothing that changes the run's result
+MAY_CHANGE_ON_RESUME = {"steps", "log_every", "eval_every", "ckpt_every", "workers", "device", "compile", "checkpointing",
+                        "order_test", "out", "resume", "eval_only"}  # nothing that changes the run's result
 MAY_CHANGE_TO_EVALUATE = {"val_data", "eval_clips", "video_root"}  # with --eval-only: what to evaluate on
 
 
@@ -798,7 +811,8 @@ def check_options(p, opts):
     need(o.temporal in ("", "roll", "none", "flatten"), f"--temporal must be roll, none or flatten, not {o.temporal!r}")
     need(o.preprocess in ("auto", "ours", "official"), f"--preprocess must be auto, ours or official, not {o.preprocess!r}")
     need(o.device in ("auto", "cuda", "mps", "cpu"), f"--device must be auto, cuda, mps or cpu, not {o.device!r}")
-    for name in ("steps", "horizon", "log_every", "eval_every", "ckpt_every", "eval_clips"):
+    need(o.precision in ("auto", "fp32", "bf16", "fp16"), f"--precision must be auto, fp32, bf16 or fp16, not {o.precision!r}")
+    for name in ("steps", "horizon", "log_every", "eval_every", "ckpt_every", "eval_clips", "accum"):
         need(getattr(o, name) >= 1, f"{flag(name)} must be at least 1, got {getattr(o, name)}")
     for name in ("warmup", "workers", "frames", "image_size", "heads", "answers", "samples", "fold_div"):
         need(getattr(o, name) >= 0, f"{flag(name)} must be 0 or more, got {getattr(o, name)}")
@@ -825,8 +839,9 @@ def check_options(p, opts):
 
 def check_divides(opts, world):
     for name in ("batch", "vtm_clips", "mlm_clips"):
-        if getattr(opts, name) % world:
-            raise BadInput(f"--{name.replace('_', '-')} {getattr(opts, name)} does not divide among {world} processes")
+        if getattr(opts, name) % (world * opts.accum):
+            raise BadInput(f"--{name.replace('_', '-')} {getattr(opts, name)} does not divide among {world} process(es)"
+                           f" x --accum {opts.accum} micro-batches")
 
 
 # --- the other entry points: --eval-only, --ablation, --samples
@@ -840,8 +855,8 @@ def evaluate_only(opts):
     with RunFolder(opts) as folder:
         opts, model, data, ckpt = setup(opts, device)
         print(summary(opts, model, device, 1, ckpt.step if opts.resume else None, folder))
-        metrics = evaluate(model, data.held_out(), data.text, mixed_precision(device)[0], ckpt.preprocess,
-                           ckpt.untrained, progress=True)
+        metrics = evaluate(model, data.held_out(), data.text, mixed_precision(device, opts.precision)[0], ckpt.preprocess,
+                           ckpt.untrained, progress=True, order_test=opts.order_test)
         return report(folder, opts, model.cfg, ckpt.step, metrics, data, eval_only=True,
                       checkpoint=str(folder.ckpt if opts.resume else opts.init))
 
@@ -980,7 +995,7 @@ def build_model(opts, start, vocab_size, num_answers):
         task_head["num_answers"] = num_answers
     try:
         if start is not None and start.resume:
-            model = AllInOne(Config(**start.checkpoint["config"]))
+            model = AllInOne(Config(**{**start.checkpoint["config"], "checkpointing": opts.checkpointing}))
             model.load_state_dict(start.checkpoint["model"])
             untrained = set(start.checkpoint.get("untrained", ()))
         elif start is not None:
@@ -992,7 +1007,8 @@ def build_model(opts, start, vocab_size, num_answers):
                 model = AllInOne.from_official(
                     ckpt["model"] if start.ours else ckpt, frames=opts.frames or None,
                     heads=saved.get("heads") or opts.heads or None, temporal=opts.temporal or saved.get("temporal", "roll"),
-                    fold_div=opts.fold_div or saved.get("fold_div", 8), dropout=opts.dropout, **keep, **task_head)
+                    fold_div=opts.fold_div or saved.get("fold_div", 8), dropout=opts.dropout,
+                    checkpointing=opts.checkpointing, **keep, **task_head)
             untrained = set(ckpt.get("untrained", ())) | set(model.fresh_heads)
             if model.cfg.vocab_size != vocab_size:
                 raise BadInput(f"--init {start.path} has a {model.cfg.vocab_size}-token vocabulary, the tokenizer "
@@ -1001,13 +1017,35 @@ def build_model(opts, start, vocab_size, num_answers):
             cfg = Config.preset(opts.preset, vocab_size=vocab_size, frames=opts.frames or PRESETS[opts.preset]["frames"],
                                 image_size=opts.image_size or PRESETS[opts.preset]["image_size"],
                                 temporal=opts.temporal or "roll", fold_div=opts.fold_div or 8, dropout=opts.dropout,
-                                video_only_temporal=True, **task_head)  # rolling in the video-only pass too: README
+                                checkpointing=opts.checkpointing, video_only_temporal=True,  # README: rolling in the
+                                **task_head)  # video-only pass too
             model = AllInOne(cfg)
             untrained = {name for name in HEADS if hasattr(model, name)}
     except ValueError as e:  # a config that cannot be (image size, frames, fold_div, heads, answers): name it
         raise BadInput(f"cannot build the model: {e}") from None
     cfg = model.cfg
     return model, untrained, dataclasses.replace(opts, temporal=cfg.temporal, fold_div=cfg.fold_div, frames=cfg.frames)
+
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def make_tokenizer(vocab_file, texts):
+    """BERT's WordPiece from a vocab.txt, or else a word-level vocabulary of the texts, with BERT's special tokens."""
+    if vocab_file:
+        vocab = read_vocab(vocab_file)
+        tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    else:
+        normalizer, split = normalizers.Lowercase(), pre_tokenizers.Whitespace()
+        words = {w for c in texts for w, _ in split.pre_tokenize_str(normalizer.normalize_str(c))}
+        vocab = {w: i for i, w in enumerate(SPECIALS + sorted(words))}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+        tok.normalizer, tok.pre_tokenizer = normalizer, split
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[(s, vocab[s]) for s in ("[CLS]", "[SEP]")])
+    return tok
 
 
 def read_vocab(path):
@@ -1043,6 +1081,15 @@ def make_optimizer(model, heads, opts, device):
                                    for (decay, mult), ps in groups.items()],
                                   lr=opts.lr, betas=(0.9, 0.98), fused=device.type in ("cuda", "cpu"))
     return optimizer, [p for ps in groups.values() for p in ps]
+
+
+def log_line(step, opts, totals, steps, clips_per_s, skipped):
+    """step | loss (its parts) | learning rate | speed | time left, from the sums of the last `steps` steps."""
+    mean = {k: v.item() / steps for k, v in totals.items()}
+    parts = " ".join(f"{k} {v:.3f}" for k, v in mean.items() if k != "loss")
+    return (f"step {step:5d}/{opts.steps} | loss {mean['loss']:.3f} ({parts}) | lr {lr_at(step - 1, opts):.1e} | "
+            f"{clips_per_s:.0f} clips/s | ETA {(opts.steps - step) * opts.batch / clips_per_s / 60:.1f} min"
+            + (f" | skipped {skipped.count} clips" if skipped else ""))
 
 
 def summary(opts, model, device, world, resumed_at, folder):
@@ -1212,9 +1259,13 @@ def set_rng_state(state):
 class Passes:
     """The model's passes over held-out clips: in chunks, under autocast, gathered on the CPU in float32."""
 
-    def __init__(self, model, video, autocast, preprocess, progress=False, chunk=256):
+    def __init__(self, model, video, autocast, preprocess, progress=False, chunk=256, order=None):
         self.model, self.video, self.autocast, self.preprocess = model, video, autocast, preprocess
-        self.progress, self.chunk, self.device = progress, chunk, next(model.parameters()).device
+        self.progress, self.chunk, self.order, self.device = progress, chunk, order, next(model.parameters()).device
+        self.frames = video.shape[1]
+
+    def reordered(self, order):  # the same passes with every clip's frames in this order
+        return Passes(self.model, self.video, self.autocast, self.preprocess, self.progress, self.chunk, order)
 
     def run(self, what, n, fn, chunk=None):  # fn(slice) over the chunks of range(n), concatenated
         chunk, meter, out = chunk or self.chunk, Progress(f"eval {what}", n, self.progress), []
@@ -1224,13 +1275,25 @@ class Passes:
             meter(min(chunk, n - s))
         return torch.cat(out)
 
-    def clips(self, index):  # model input for the clips at index: (len, t, 3, H, W)
-        return normalize(self.video[index].to(self.device), self.preprocess)
+    def clips(self, index):  # model input for the clips at index: (len, t, 3, H, W), frames in self.order
+        video = self.video[index] if self.order is None else self.video[index][:, self.order]
+        return normalize(video.to(self.device), self.preprocess)
 
     def joint(self, what, clip, ids, mask, head):  # head(Output, slice) of the joint pass of each (clip[i], ids[i])
         return self.run(what, len(ids), lambda s: head(
             self.model(self.clips(clip[s]), ids[s].to(self.device), mask[s].to(self.device)), s))
 
+
+
+def frame_orders(t):
+    """The orders of the order test: the frames reversed, and (from 3 frames) a fixed shuffle that is neither the
+    identity nor the reversal."""
+    orders, g = {"reversed": torch.arange(t - 1, -1, -1)}, torch.Generator().manual_seed(0)
+    while t >= 3 and "shuffled" not in orders:
+        order = torch.randperm(t, generator=g)
+        if not (torch.equal(order, torch.arange(t)) or torch.equal(order, orders["reversed"])):
+            orders["shuffled"] = order
+    return orders
 
 
 # --- devices, precision, memory, time
@@ -1244,14 +1307,20 @@ def pick_device(name):
     return torch.device(name)
 
 
-def mixed_precision(device):
-    """(autocast, loss scaler): bf16 where the GPU has it natively (Ampere and later), fp16 with a loss scaler on older
-    GPUs and on MPS, full precision on the CPU. The scaler does nothing when disabled, so the loop has one path."""
-    if device.type == "cpu":
-        return torch.autocast("cpu", enabled=False), torch.amp.GradScaler("cpu", enabled=False)
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-    dtype = torch.bfloat16 if bf16 else torch.float16
-    return torch.autocast(device.type, dtype=dtype), torch.amp.GradScaler(device.type, enabled=not bf16)
+def mixed_precision(device, precision="auto"):
+    """(autocast, loss scaler) for --precision. auto: bf16 where the GPU has it natively (Ampere and later), fp16 with a
+    loss scaler on older GPUs and on MPS, fp32 on the CPU. The scaler does nothing when disabled, so the loop has one
+    path; similarity matrices and losses are computed in float32 whatever the precision."""
+    if precision == "auto":
+        native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        precision = "fp32" if device.type == "cpu" else "bf16" if native_bf16 else "fp16"
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False), torch.amp.GradScaler(device.type, enabled=False)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    if not torch.amp.is_autocast_available(device.type) or (device.type == "cuda" and dtype == torch.bfloat16
+                                                             and not torch.cuda.is_bf16_supported()):
+        raise BadInput(f"--precision {precision}: this torch build cannot autocast to {dtype} on {device.type}")
+    return torch.autocast(device.type, dtype=dtype), torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
 def keep_freed_memory():
@@ -1380,15 +1449,28 @@ def gather(x):  # all processes' rows, with gradients (x itself without torchrun
     return GatherRows.apply(x) if dist.is_initialized() else x
 
 
-def mlm_share(labels):
-    """The weight that makes the MLM loss a mean over every process's masked words: this process's share of them
-    times the number of processes (1 without torchrun)."""
-    if not dist.is_initialized():
-        return 1
-    count = (labels != -100).sum()
-    every = count.clone()
-    dist.all_reduce(every)
-    return count * dist.get_world_size() / every.clamp(min=1)
+def micro_batches(batch, n, shared=()):
+    """--accum n: this process's batch as n micro-batches, micro-batch j the clips j, j + n, ... (so each keeps its
+    share of the VTM and MLM clips, which come first; the keys in shared, the caption bank, go to each whole). Each
+    micro-batch's MLM loss is weighted (mlm_share) by its share of the masked words of the whole step over every
+    process, so that the losses, averaged over micro-batches and processes, are the MLM loss of the whole batch."""
+    total = (batch["mlm_labels"] != -100).sum() if "mlm_labels" in batch else None
+    if total is not None and dist.is_initialized():
+        dist.all_reduce(total)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    for j in range(n):
+        micro = {k: v if k in shared else v[j::n] for k, v in batch.items()}
+        if total is not None:
+            micro["mlm_share"] = (micro["mlm_labels"] != -100).sum() * n * world / total.clamp(min=1)
+        yield micro
+
+
+def grad_sync(step_fn, sync):
+    """Under DDP, backward averages the gradients over the processes: only where sync (a step's last micro-batch)."""
+    ddp = getattr(step_fn, "_orig_mod", step_fn)  # under --compile, the compiled module's
+    if sync or not isinstance(ddp, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return ddp.no_sync()
 
 
 # --- real clips (--data, --val-data): frames sampled as in the paper's code, decoded with PyAV by seeking to the
@@ -1728,6 +1810,8 @@ class Skipped:
 
 class Clips:
     """Your clips: decoded with PyAV in DataLoader workers; a file that fails is skipped, named once and counted."""
+
+    shared = ()  # every key of a batch is per clip: its rows split among processes and micro-batches
 
     def __init__(self, rows, cfg, text, opts, preprocess, answers, device, rank=0, world=1):  # rows: read_data(opts)
         self.cfg, self.text, self.opts, self.preprocess, self.device = cfg, text, opts, preprocess, device
