@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -20,8 +21,8 @@ from einops import rearrange
 import train_tiny as tt
 from allinone import (
     CLS_ID, MASK_ID, PAD_ID, SEP_ID, AllInOne, Config, Output, Unloaded, contrastive_loss, cosine_similarity,
-    first_hit_ranks, load_checkpoint, mlm_loss, mlm_mask, recall_metrics, strictly_best, temporal_roll, vtm_batch,
-    vtm_loss,
+    first_hit_ranks, load_checkpoint, mlm_loss, mlm_mask, recall_metrics, strictly_best, temporal_roll, token_origins,
+    vtm_batch, vtm_loss,
 )
 
 HERE = Path(__file__).parent
@@ -371,6 +372,20 @@ def test_roll_is_a_permutation_that_keeps_cls():
     assert torch.equal(temporal_roll(x[:, :1]), x[:, :1])  # one frame: nothing to exchange
 
 
+def test_token_origins_follow_temporal_roll_block_after_block():
+    for t, n, fold_div, depth in [(4, 17, 8, 4), (3, 197, 8, 12), (5, 10, 4, 3)]:
+        ids = torch.arange(t, dtype=torch.float)[None, :, None, None].expand(1, t, n, 1)  # each token: its frame
+        origins = token_origins(t, n, fold_div, depth)
+        assert origins.shape == (depth, t, n)
+        for k in range(depth):
+            ids = temporal_roll(ids, fold_div)  # the roll before block k
+            assert torch.equal(ids[0, :, :, 0].long(), origins[k]), (t, n, k)
+    # nano: 2 of 16 patch slots each way; with 4 frames, a "previous" token is back home in the 4th block
+    origins = token_origins(4, 17, 8, 4)
+    assert (origins[:, :, 3:15] == torch.arange(4)[:, None]).all() and (origins[3, :, 1:3] == torch.arange(4)[:, None]).all()
+    assert origins[0, 0, 1] == 3 and origins[0, 0, 16] == 1 and origins[1, 0, 1] == 2
+
+
 def test_roll_refuses_sizes_that_would_move_nothing():
     with pytest.raises(ValueError, match="temporal rolling"):
         temporal_roll(torch.randn(1, 3, 5, 4), fold_div=8)  # 32 px frames of 16 px patches: 5 tokens
@@ -526,6 +541,24 @@ def test_bad_config_raises():
     with pytest.raises(ValueError, match="unknown preset"):
         Config.preset("huge")
     assert Config.preset("base", frames=8).frames == 8
+
+
+def test_checkpointing_leaves_outputs_and_gradients_unchanged_and_keeps_less(one_thread):
+    video, ids, mask = small_batch()
+    results = []
+    for checkpointing in (False, True):
+        model = small_model(dropout=0.1, checkpointing=checkpointing).train()  # dropout: the recompute draws the same
+        torch.manual_seed(3)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
+            out = model(video, ids, mask)
+            loss = model.vtm_head(out.pooled).sum() + model.encode_video(video).video.sum()
+        loss.backward()
+        results.append((out, {k: p.grad for k, p in model.named_parameters() if p.grad is not None}, sum(saved)))
+    (plain, plain_grads, plain_saved), (ckpt, ckpt_grads, ckpt_saved) = results
+    assert all(torch.equal(a, b) for a, b in zip(plain, ckpt))
+    assert plain_grads.keys() == ckpt_grads.keys() and all(torch.equal(plain_grads[k], ckpt_grads[k]) for k in plain_grads)
+    assert ckpt_saved < plain_saved / 3  # what backward keeps: block inputs only
 
 
 def test_training_step_reaches_every_parameter():
@@ -883,6 +916,70 @@ def test_resume_with_non_default_options_gives_identical_weights(tmp_path, one_t
     assert tt.Tokenizer.from_str(a["tokenizer"]).encode("a red circle appears").ids[0] == 2  # [CLS]
 
 
+def test_micro_batches_give_the_update_of_one_batch_for_vtm_mlm_and_the_caption_bank(one_thread):
+    opts, cfg, text, model, data = tiny_setup()
+    objective = tt.Pretrain(model, opts.temperature)
+    batch = data.batch(0)
+    assert (batch["mlm_labels"] != -100).sum() > 0
+
+    def gradients(batches, n):
+        model.zero_grad()
+        itc = 0
+        for b in batches:
+            out = objective(b)
+            ((out["vtm"] + out["mlm"] + out["bank"]) / n).backward()
+            itc += out["itc"].item() / n
+        return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}, itc
+
+    whole, itc_whole = gradients(tt.micro_batches(batch, 1, data.shared), 1)
+    for n in (2, 4):
+        micro = list(tt.micro_batches(batch, n, data.shared))
+        assert [len(m["vtm_ids"]) for m in micro] == [8 // n] * n and torch.equal(micro[0]["text_ids"], batch["text_ids"])
+        parts, itc_parts = gradients(micro, n)
+        for k in whole:
+            assert (whole[k] - parts[k]).abs().max() <= 1e-4 * whole[k].abs().max(), (n, k)  # float noise: 2.5e-5
+        assert itc_parts < itc_whole  # the in-batch contrastive loss is not the same: fewer negatives per clip
+
+
+def test_accum_trains_by_optimizer_steps_and_is_kept_on_resume(tmp_path, capsys):
+    code, out, err = run_cli(QUICK + ["--accum", "2", "--steps", "2", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    assert [line.split("|")[0].strip() for line in out.splitlines() if line.startswith("step")] == ["step     1/2", "step     2/2"]
+    assert ckpt_of(tmp_path)["step"] == 2 and ckpt_of(tmp_path)["options"]["accum"] == 2
+    code, _, err = run_cli(["--resume", "--out", str(tmp_path), "--steps", "3", "--accum", "1"], capsys)
+    assert code == 2 and "--accum 1 differs from the checkpoint's 2" in err
+    code, _, err = run_cli(["--resume", "--out", str(tmp_path), "--steps", "3", "--checkpointing"], capsys)
+    assert code == 0 and ckpt_of(tmp_path)["step"] == 3  # checkpointing changes memory, not the run: it may change
+    code, _, err = run_cli(QUICK + ["--accum", "3", "--steps", "1", "--out", str(tmp_path / "x")], capsys)
+    assert code == 1 and "--batch 8 does not divide among 1 process(es) x --accum 3 micro-batches" in err
+
+
+def test_precision_fp16_and_bf16_on_the_cpu(tmp_path, capsys, monkeypatch):
+    assert not tt.mixed_precision(torch.device("cpu"))[1].is_enabled()  # auto: fp32 on the CPU
+    for precision in ("bf16", "fp16"):
+        code, out, err = run_cli(QUICK + ["--precision", precision, "--steps", "5", "--out", str(tmp_path / precision)],
+                                 capsys)
+        assert code == 0 and "eval step 5" in out, err
+        ckpt = ckpt_of(tmp_path / precision)
+        skipped = round(math.log2(65536 / ckpt["scaler"]["scale"])) if precision == "fp16" else 0  # each halves it
+        assert (ckpt["scaler"] != {}) == (precision == "fp16")  # a loss scaler for fp16 only
+        assert all(state["step"] == 5 - skipped for state in ckpt["optimizer"]["state"].values()) and skipped < 5
+    # fp16 gradients that overflow: the loss scaler skips the step and lowers its scale; the NaN guard does not stop
+    real = tt.mixed_precision
+    monkeypatch.setattr(tt, "mixed_precision", lambda device, precision: (
+        real(device, precision)[0], torch.amp.GradScaler("cpu", init_scale=2.0**100)))
+    code, out, err = run_cli(QUICK + ["--precision", "fp16", "--steps", "3", "--out", str(tmp_path / "over")], capsys)
+    assert code == 0, err
+    ckpt = ckpt_of(tmp_path / "over")
+    assert ckpt["step"] == 3 and ckpt["scaler"]["scale"] == 2.0**97  # each of the 3 steps skipped, the scale halved
+    assert all(state["step"] == 0 and not state["exp_avg"].any() for state in ckpt["optimizer"]["state"].values())
+    monkeypatch.undo()
+    # a real NaN under fp16 stops the run
+    code, _, err = run_cli(QUICK + ["--precision", "fp16", "--lr", "1e30", "--steps", "6", "--out", str(tmp_path / "nan")],
+                           capsys)
+    assert code == 1 and "the loss or the weights are not finite" in err
+
+
 def test_a_short_pre_training_then_fine_tuning_beats_chance(tmp_path, one_thread):
     flags = ["--log-every", "50", "--device", "cpu", "--warmup", "5"]
     tt.train(tt.parse_options(flags + ["--steps", "30", "--batch", "32", "--vtm-clips", "8", "--mlm-clips", "4",
@@ -998,6 +1095,48 @@ def test_evaluate_leaves_out_what_means_nothing():
     assert "mlm_acc" not in m and any("no held-out caption has a word to mask" in n for n in notes)
 
 
+class FrameOrderStub(torch.nn.Module):
+    """Scores a caption +1 for frames in increasing order (the frame index is in the first pixel), -1 for decreasing,
+    and the negative for captions whose word is `swapped`: a model whose every decision is the frames' order."""
+
+    def __init__(self, swapped):
+        super().__init__()
+        self.swapped, self.cfg, self.w = swapped, SimpleNamespace(vocab_size=40), torch.nn.Parameter(torch.zeros(1))
+        self.vtm_head = torch.nn.Identity()
+
+    def forward(self, video, ids, mask):
+        order = torch.sign(video[:, -1, 0, 0, 0] - video[:, 0, 0, 0, 0]) * torch.where(ids[:, 1] == self.swapped, -1, 1)
+        return Output(text=None, video=None, pooled=torch.stack([-order, order], 1))
+
+
+def test_the_frame_order_test_flips_for_order_and_not_without_it(one_thread):
+    text, tok = oracle_text()
+    held = held_out_of(6, 1, text, list(range(6)))
+    held.video = torch.arange(3, dtype=torch.uint8)[None, :, None, None, None].expand(6, 3, 3, 4, 4) * 40 + 10
+    c = held.captions
+    c.swapped_ids, c.swapped_mask = c.ids.clone(), c.mask.clone()
+    c.swapped_ids[:, 1] = tok.token_to_id("w19")  # every clip's "time-swapped" caption
+    m, _ = tt.evaluate(FrameOrderStub(tok.token_to_id("w19")), held, text, contextlib.nullcontext(), "ours",
+                       untrained={"mlm_head", "text_proj", "video_proj"})
+    assert m["vtm_acc_temporal"] == 1.0 and m["order_flip"] == 1.0  # every decision changes with the frames reversed
+    # a model that cannot see order (no rolling, no time embedding) on the synthetic world: nothing flips
+    opts, cfg, text, model, data = tiny_setup(eval_clips=64)
+    cfg = replace(cfg, temporal="none", video_only_temporal=False)
+    torch.manual_seed(0)
+    blind = AllInOne(cfg)
+    blind.video_embed.temporal.data.zero_()
+    held = tt.Synthetic(cfg, text, opts, "ours", torch.device("cpu")).held_out()
+    assert not all(torch.equal(clip[0], clip[-1]) for clip in held.video)  # the frames differ
+    m, _ = tt.evaluate(blind, held, text, contextlib.nullcontext(), "ours")
+    assert m["order_flip"] == 0.0 and m["vtm_acc_temporal_shuffled"] == m["vtm_acc_temporal"]
+    # --order-test: the main metrics again with the frames reversed and shuffled; the blind model's are the same
+    m, _ = tt.evaluate(blind, held, text, contextlib.nullcontext(), "ours", order_test=True)
+    for suffix in ("reversed", "shuffled"):
+        assert all(m[f"{k}_{suffix}"] == m[k] for k in ("t2v_r1", "v2t_r1", "vtm_acc", "mc_acc")), suffix
+    assert tt.frame_orders(2).keys() == {"reversed"} and tt.frame_orders(4)["shuffled"].tolist() not in ([0, 1, 2, 3],
+                                                                                                          [3, 2, 1, 0])
+
+
 def test_qa_accuracy_counts_unknown_answers_wrong():
     text, tok = oracle_text()
     video = torch.zeros(4, 2, 3, 4, 4, dtype=torch.uint8)
@@ -1036,6 +1175,8 @@ def test_bad_options_give_one_clear_message(tmp_path, capsys):
         (["--dropout", "2"], "--dropout must be in [0, 1)"),
         (["--curriculum", "1.5"], "--curriculum must be between 0 and 1"),
         (["--val-share", "1"], "--val-share must be between 0 and 1"),
+        (["--precision", "fp8"], "--precision must be auto, fp32, bf16 or fp16"),
+        (["--accum", "0"], "--accum must be at least 1"),
         (["--data", "no/such.csv"], "--data no/such.csv: no such file"),
         (["--vocab", str(tmp_path)], f"--vocab {tmp_path}: no such file"),
         (["--init", "x.ckpt"], "--init x.ckpt: no such file"),
