@@ -137,6 +137,26 @@ def lightning_checkpoint(path, monkeypatch, **extra):
     return path
 
 
+def official_files(folder, monkeypatch, official, texts):
+    """The parity fixture's weights as an official Lightning checkpoint, and a BERT-style vocab.txt (128 tokens, the
+    fixture's vocabulary size) holding the words of the texts: what a user of the released checkpoints has."""
+    lightning_checkpoint(folder / "all-in-one-base.ckpt", monkeypatch, state_dict=official["state_dict"],
+                         hyper_parameters=dict(config=dict(num_heads=2)))
+    words = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words += sorted({w for t in texts for w in t.lower().split()} - set(words))
+    write(folder / "vocab.txt", "\n".join(words + [f"[pad{i}]" for i in range(128 - len(words))]) + "\n")
+    return folder / "all-in-one-base.ckpt", folder / "vocab.txt"
+
+
+def example(name):
+    """A script of examples/, imported as a module."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, HERE / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # Each test video shows its frame index as a 4x4 grid of black/white cells (bit j = cell j), so a test can read
 # which frame load_clip returned.
 
@@ -1259,20 +1279,66 @@ def test_answer_vocabulary_top_n_with_ties_in_a_fixed_order():
 # --- checkpoints, the run folder, the other entry points -------------------------------------------------------------
 
 
-def test_save_atomic_keeps_the_previous_checkpoint_when_interrupted(tmp_path, monkeypatch):
+def test_write_file_keeps_the_previous_file_when_interrupted(tmp_path):
     path = tmp_path / "ckpt.pt"
-    tt.save_atomic({"step": 1}, path)
+    tt.write_file(path, lambda f: torch.save({"step": 1}, f))
 
-    def broken_save(obj, f):
+    def broken(f):
         f.write(b"half a checkpoint")
         raise KeyboardInterrupt  # e.g. Ctrl-C in the middle of writing
 
-    monkeypatch.setattr(tt.torch, "save", broken_save)
     with pytest.raises(KeyboardInterrupt):
-        tt.save_atomic({"step": 2}, path)
-    monkeypatch.undo()
+        tt.write_file(path, broken)
     assert load_checkpoint(path) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+@contextlib.contextmanager
+def small_disk(path, megabytes, monkeypatch):
+    """A folder on a disk of this size: a tmpfs where the system lets us mount one, else a folder whose writes (through
+    tt.write_file and tt.append_line) fail with "No space left on device" once this many bytes have gone in."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(path)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        room = [megabytes << 20]
+
+        class Small(tt.io.FileIO):
+            def write(self, data):
+                room[0] -= len(data)
+                if room[0] < 0:
+                    raise OSError(28, "No space left on device")
+                return super().write(data)
+
+        def small_open(file, mode="r", **kwargs):  # binary files on the small disk; text ones (the lock) as usual
+            return Small(file, mode.replace("b", "")) if "b" in mode else open(file, mode, **kwargs)
+
+        monkeypatch.setattr(tt, "open", small_open, raising=False)
+        monkeypatch.setattr(tt.os, "fdopen", lambda fd, mode: tt.io.BufferedWriter(Small(fd, "w")))
+    try:
+        yield
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_full_disk_is_one_clear_line_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "disk"
+    with small_disk(out, 6, monkeypatch):  # room for one nano checkpoint (3.6 MB), not two
+        code, stdout, err = run_cli(QUICK + ["--steps", "6", "--ckpt-every", "3", "--eval-every", "100",
+                                             "--out", str(out)], capsys)
+        assert code == 1 and "Traceback" not in err and "inline_container" not in err, err
+        assert (f"error: step 6: cannot write {out / 'ckpt.pt'}: No space left on device; {out / 'ckpt.pt'} of step 3 "
+                "is kept: --resume continues from it once there is space") in err
+        assert ckpt_of(out)["step"] == 3 and not list(out.glob("*.tmp"))
+        # a line that does not fit: nothing of it stays
+        before = (out / "metrics.jsonl").read_bytes() if (out / "metrics.jsonl").exists() else b""
+        with pytest.raises(tt.BadInput, match="cannot add to .*metrics.jsonl: No space left on device"):
+            tt.append_line(out / "metrics.jsonl", "x" * (8 << 20))
+        assert ((out / "metrics.jsonl").read_bytes() if (out / "metrics.jsonl").exists() else b"") == before
+    with small_disk(tmp_path / "small", 1, monkeypatch):  # --samples output that does not fit
+        code, _, err = run_cli(["--samples", "400", "--out", str(tmp_path / "small")], capsys)
+        assert code == 1 and f"cannot write {tmp_path / 'small' / 'samples.png'}: No space left on device" in err, err
 
 
 def test_an_existing_run_is_never_overwritten(tmp_path, capsys):
@@ -1692,3 +1758,54 @@ def test_the_readme_example_scores_captions_for_one_video(tmp_path, monkeypatch,
     lines = capsys.readouterr().out.strip().splitlines()
     scores = [float(line.split()[0]) for line in lines]
     assert len(lines) == 3 and scores == sorted(scores, reverse=True)
+
+
+# =====================================================================================================================
+# examples/
+
+
+def test_recorded_attention_is_the_models_own(one_thread):
+    rolling = example("show_rolling")
+    for temporal in ("roll", "flatten"):
+        model = small_model(temporal=temporal).eval()
+        video, ids, mask = small_batch()
+        inputs, outputs = [], []  # what each Attention takes, and what its SDPA call gave (the projection's input)
+        hooks = [b.attn.register_forward_pre_hook(lambda m, args: inputs.append(args[0])) for b in model.blocks]
+        hooks += [b.attn.proj.register_forward_pre_hook(lambda m, args: outputs.append(args[0])) for b in model.blocks]
+        with torch.no_grad(), rolling.recorded_attention(model) as weights:
+            model(video, ids, mask)
+        for h in hooks:
+            h.remove()
+        assert len(weights) == len(outputs) == model.cfg.depth
+        for block, x, w, out in zip(model.blocks, inputs, weights, outputs):
+            v = rearrange(block.attn.qkv(x), "b s (k h e) -> k b h s e", k=3, h=model.cfg.heads)[2]
+            assert_close(rearrange(w @ v, "b h s e -> b s (h e)"), out, f"{temporal}: weights @ v")
+            padded = ~mask.bool().repeat_interleave(len(w) // len(mask), 0)  # (sequences, l): padding as keys
+            assert torch.allclose(w.sum(-1), torch.ones(())) and (w[..., :ids.shape[1]].permute(0, 3, 1, 2)[padded] == 0).all()
+
+
+def test_show_rolling_draws_our_checkpoints_and_an_official_one_on_a_video(tmp_path, monkeypatch, official, capsys):
+    rolling = example("show_rolling")
+    for temporal in ("roll", "none"):
+        tt.train(tt.parse_options(QUICK + ["--steps", "1", "--temporal", temporal, "--out", str(tmp_path / temporal)]))
+    capsys.readouterr()
+    rolling.main([str(tmp_path / "roll" / "ckpt.pt"), str(tmp_path / "none" / "ckpt.pt"), "--out", str(tmp_path / "pic")])
+    out = capsys.readouterr().out
+    with av.open(str(tmp_path / "pic" / "rolling.png")) as c:
+        frame = next(c.decode(video=0))
+    assert frame.width > 2 * 4 * (4 * 128) and frame.height > 12 * 128  # 2 columns of 4 blocks; 6 clips x 2 words
+    assert out.count("block 0: 25% of the patch slots hold travelled tokens") == 1  # roll: 2 + 2 of 16 each way
+    assert out.count("block 0: 0% of the patch slots") == 1  # none: nothing travels
+    none_rows = out.split("none/ckpt.pt")[1].split("block 1")[0].split("(rows i): ")[1].split(" | ")
+    assert [[float(v) for v in r.split()] for r in none_rows] == [[float(i == j) for j in range(4)] for i in range(4)]
+    ckpt, vocab = official_files(tmp_path, monkeypatch, official, ["a red ball rolls"])
+    make_video(tmp_path / "v.mp4", n=20, w=80, h=60)
+    code = tt.run_script(rolling.main, [str(ckpt), "--vocab", str(vocab), "--video", str(tmp_path / "v.mp4"), "--caption",
+                                        "a red ball rolls", "--word", "rolls", "--out", str(tmp_path / "o"), "--block", "1"])
+    out = capsys.readouterr().out
+    assert code is None and "block 1:" in out and "block 0:" not in out and (tmp_path / "o" / "rolling.png").exists()
+    with pytest.raises(SystemExit, match="--word 'skates' is not in the caption"):
+        tt.run_script(rolling.main, [str(ckpt), "--vocab", str(vocab), "--video", str(tmp_path / "v.mp4"), "--caption",
+                                     "a red ball rolls", "--word", "skates", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="no such checkpoint"):
+        tt.run_script(rolling.main, [str(tmp_path / "nothing.pt"), "--out", str(tmp_path / "o")])

@@ -20,6 +20,7 @@ import contextlib
 import csv
 import ctypes
 import dataclasses
+import errno
 import io
 import json
 import math
@@ -459,7 +460,7 @@ def train(opts):
         model.train()
         step_fn = distributed(objective, world, opts.compile)  # DDP under torchrun; torch.compile with --compile
         held = data.held_out() if rank == 0 else None
-        start = step = logged = ckpt.step
+        start = step = logged = folder.saved = ckpt.step
         if step >= opts.steps:
             raise BadInput(f"--steps {opts.steps}: the run in {opts.out} is at step {step} already")
         say(summary(opts, model, device, world, start, folder))
@@ -880,30 +881,58 @@ def write_samples(opts):
     """--samples N: a PNG strip of N training clips (one a row, frames left to right) and their captions, then stop."""
     opts, model, data, ckpt = setup(opts, torch.device("cpu"))
     out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     if isinstance(data, Synthetic):
         g = torch.Generator().manual_seed(opts.seed)
         captions = torch.randint(len(CAPTIONS), (opts.samples,), generator=g).tolist()
         video, texts = render(captions, data.cfg.frames, data.cfg.image_size, g), [caption_text(c) for c in captions]
     else:
         video, texts = data.samples(opts.samples)
-    write_png(out / "samples.png", video)
-    (out / "samples.txt").write_text("\n".join(texts) + "\n")
+    write_file(out / "samples.png", lambda f: write_png(f, video))
+    write_file(out / "samples.txt", lambda f: f.write(("\n".join(texts) + "\n").encode()))
     print(f"wrote {out / 'samples.png'} and {out / 'samples.txt'}")
 
 
-def write_png(path, video):
-    """video (k, t, 3, H, W) in [0, 1] as one PNG, written with PyAV: a clip a row, a white line after each frame."""
+def write_png(file, video):
+    """video (k, t, 3, H, W) in [0, 1] as one PNG: a clip a row, frames left to right, a white line after each."""
     video = F.pad(video, (0, 1), value=1.0)
     img = (rearrange(video, "k t c h w -> (k h) (t w) c") * 255).round().clamp(0, 255).byte()
-    img = img.repeat_interleave(4, 0).repeat_interleave(4, 1).numpy()  # 4x larger, so the pixels show
-    with av.open(str(path), "w", format="image2") as out:
+    write_image(file, img.repeat_interleave(4, 0).repeat_interleave(4, 1).numpy())  # 4x larger, so the pixels show
+
+
+def write_image(file, img):
+    """A uint8 (H, W, 3) array as PNG, with PyAV's encoder, to an open binary file (write_file gives one)."""
+    with av.open(file, "w", format="image2pipe") as out:
         stream = out.add_stream("png")
         stream.width, stream.height, stream.pix_fmt = img.shape[1], img.shape[0], "rgb24"
-        for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+        for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")):
             out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
+
+
+# --- for the scripts in examples/
+
+
+def load_model(path, vocab=""):
+    """Any checkpoint, ours or official (with its BERT vocab.txt), for the example scripts: (the model in eval mode,
+    its Text, its frame preprocessing, the heads it never trained). Bad files are a BadInput naming them."""
+    opts = Options(init=str(path), vocab=str(vocab or ""), **TASK_DEFAULTS["pretrain"])
+    if not Path(path).is_file():
+        raise BadInput(f"{path}: no such checkpoint")
+    start = read_start_point(opts)
+    tokenizer = start.tokenizer if start.ours else make_tokenizer(opts.vocab, [])
+    model, untrained, _ = build_model(opts, start, tokenizer.get_vocab_size(), 0)
+    return model.eval(), Text(tokenizer, model.cfg.max_text_len), preprocess_for(opts, start), untrained
+
+
+def run_script(main, argv=None):
+    """An example script's main(argv), with bad input as one line and exit status 1, as train_tiny.py's."""
+    warnings.filterwarnings("once")
+    try:
+        main(argv)
+    except BadInput as e:
+        sys.exit(f"error: {e}")
 
 
 # --- start points and set-up: from scratch, an official checkpoint, --init of ours, --resume
@@ -1126,7 +1155,13 @@ def save_checkpoint(folder, ckpt, model, optimizer, scaler, step, first_bad):
     if folder.main:
         state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step,
                      rng=rng_state())
-        save_atomic(vars(dataclasses.replace(ckpt, **state)), folder.ckpt)
+        try:
+            write_file(folder.ckpt, lambda f: torch.save(vars(dataclasses.replace(ckpt, **state)), f))
+        except BadInput as e:
+            kept = (f"{folder.ckpt} of step {folder.saved} is kept: --resume continues from it once there is space"
+                    if folder.ckpt.exists() else "no checkpoint of this run was written")
+            raise BadInput(f"step {step}: {e}; {kept}") from None
+        folder.saved = step
 
 
 def stop_if_not_finite(first_bad, folder, model=None, step=None):
@@ -1167,11 +1202,12 @@ class RunFolder:
     def __init__(self, opts, main=True):
         self.opts, self.main, self.path, self.lock = opts, main, Path(opts.out), None
         self.ckpt = self.path / "ckpt.pt"
+        self.saved = 0  # the step of the last checkpoint written (or resumed from): what a failed write keeps
 
     def __enter__(self):
         if not self.main:
             return self
-        self.path.mkdir(parents=True, exist_ok=True)
+        make_folder(self.path)
         self.lock = open(self.path / "lock", "a+")
         try:
             lock_file(self.lock)
@@ -1220,24 +1256,64 @@ def lock_file(f):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-def save_atomic(obj, path):
-    """Write to a temporary file of this process beside path, then rename: a crash or a kill mid-write leaves the
-    previous file as it was."""
+def write_file(path, write):
+    """Write a file whole or not at all: write(f) into a temporary file of this process beside path, then a rename, so
+    that a crash, a kill or a full disk leaves the previous file as it was. A failed write is a BadInput that names the
+    file and gives the OS's reason (torch.save reports a full disk as an "unexpected pos")."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    except OSError as e:
+        raise BadInput(f"cannot write {path}: {e.strerror}") from None
+    f = WhyNot(os.fdopen(fd, "wb"))
+    try:
+        with f.file:
+            write(f)
+            f.file.flush()
+            os.fsync(f.file.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        why = f.error or e
+        raise BadInput(f"cannot write {path}: {getattr(why, 'strerror', None) or why}") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
 
 
+class WhyNot:
+    """A file that remembers why a write failed, for writers that replace the OS's reason with their own."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):  # seek, tell, flush: the file's own
+        return getattr(self.file, name)
+
+
+def make_folder(path):
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInput(f"cannot make the folder {path}: {e.strerror}") from None
+
+
 def append_line(path, line):
-    with open(path, "a") as f:
-        f.write(line + "\n")
+    """A line added to a file, or nothing (what was written is cut back off) and a BadInput with the OS's reason."""
+    data = (line + "\n").encode()
+    with open(path, "ab", buffering=0) as f:
+        size = f.seek(0, os.SEEK_END)
+        try:
+            if f.write(data) != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as e:
+            f.truncate(size)
+            raise BadInput(f"cannot add to {path}: {e.strerror}; the numbers above are not in it") from None
 
 
 def rng_state():
