@@ -629,4 +629,5 @@ def load_checkpoint(path):
         refused = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]  # torch's reason, not its advice
         if isinstance(e, pickle.UnpicklingError) and refused:
             raise ValueError(f"cannot load {path} safely: {refused[0]}") from None
-        raise ValueError(f"cannot load {path}: not a file written by torch.save ({type(e).__name__}: {e})") from None
+        reason = "" if isinstance(e, pickle.UnpicklingError) else f" ({type(e).__name__}: {str(e).splitlines()[0]})"
+        raise ValueError(f"cannot load {path}: not a file written by torch.save{reason}") from None

@@ -1429,12 +1429,44 @@ def test_eval_only_writes_metrics_and_no_checkpoint(tmp_path, capsys):
     assert code == 1 and "holds a run (metrics.jsonl)" in err  # but a training run does not share it
 
 
-def test_samples_png(tmp_path):
-    tt.write_samples(tt.parse_options(["--samples", "3", "--out", str(tmp_path)]))
+def test_samples_write_the_synthetic_world_as_lossless_videos_and_data_files(tmp_path):
+    tt.write_samples(tt.parse_options(["--samples", "75", "--out", str(tmp_path)]))
     with av.open(str(tmp_path / "samples.png")) as c:
         frame = next(c.decode(video=0))
-    assert (frame.width, frame.height) == (4 * 4 * 33, 3 * 4 * 32)  # 4 frames and a line after each
-    assert len((tmp_path / "samples.txt").read_text().splitlines()) == 3
+    assert (frame.width, frame.height) == (4 * 4 * 33, 72 * 4 * 32)  # 4 frames and a line after each; 72 clips at most
+    assert len((tmp_path / "samples.txt").read_text().splitlines()) == 72
+    captions, video = tt.new_clips(Config.preset("nano"), 75)
+    assert captions.tolist() == [k % 72 for k in range(75)]
+    for k in (0, 41, 74):  # every decoded pixel as rendered
+        assert torch.equal(tt.read_clip(tmp_path / "clips" / f"clip{k:05d}.mp4", 4, 32), video[k])
+    kind, rows = tt.read_rows(tmp_path / "captions.csv")
+    assert kind == "captions" and [r["caption"] for r in rows] == [tt.caption_text(k % 72) for k in range(75)]
+    assert rows[74]["video"] == str(tmp_path / "clips" / "clip00074.mp4")
+    kind, rows = tt.read_rows(tmp_path / "mc.jsonl")
+    assert kind == "mc" and len(rows) == 75
+    for k, r in enumerate(rows):  # its own caption among the 6 that differ only in the time words
+        assert r["options"][r["answer"]] == tt.caption_text(k % 72)
+        assert sorted(r["options"]) == sorted(tt.caption_text(j) for j in tt.time_variants(k % 72))
+    assert len({r["answer"] for r in rows}) > 1  # not always in the same place
+    kind, rows = tt.read_rows(tmp_path / "qa.csv")
+    assert kind == "qa" and [(r["type"], r["answer"]) for r in rows[:3]] == [("colour", "red"), ("shape", "square"),
+                                                                               ("motion", "moves left")]
+
+
+def test_the_world_as_files_gives_the_metrics_of_the_rendered_clips(tmp_path, capsys, one_thread):
+    tt.train(tt.parse_options(QUICK + ["--steps", "3", "--out", str(tmp_path / "run")]))
+    tt.write_samples(tt.parse_options(["--samples", "72", "--out", str(tmp_path / "world")]))
+    model, text, preprocess, untrained = tt.load_model(tmp_path / "run" / "ckpt.pt")
+    opts = tt.parse_options(["--eval-only", "--init", str(tmp_path / "run" / "ckpt.pt"), "--eval-clips", "72"])
+    captions, video = tt.new_clips(model.cfg, 72)
+    held = tt.Synthetic(model.cfg, text, opts, preprocess, torch.device("cpu")).held_out_of(captions, video, None)
+    rendered, _ = tt.evaluate(model, held, text, contextlib.nullcontext(), preprocess, untrained)
+    for name, keys in (("captions.csv", ("vtm_acc", "t2v_r1", "v2t_r1", "t2v_medr")), ("mc.jsonl", ("mc_acc",))):
+        code, _, err = run_cli(["--eval-only", "--init", str(tmp_path / "run" / "ckpt.pt"), "--val-data",
+                                str(tmp_path / "world" / name), "--workers", "0", "--out", str(tmp_path / name)], capsys)
+        assert code == 0, err
+        files = json.loads((tmp_path / name / "metrics.jsonl").read_text())
+        assert files["clips"] == 72 and {k: files[k] for k in keys} == {k: rendered[k] for k in keys}, name
 
 
 # --- several processes -----------------------------------------------------------------------------------------------
@@ -1738,28 +1770,6 @@ def test_fine_tuning_on_your_files_multiple_choice_and_qa(tmp_path, capsys):
     assert "mc_acc" in json.loads((tmp_path / "mc" / "metrics.jsonl").read_text()) and ckpt_of(tmp_path / "mc")["config"]["mc_head"]
 
 
-README_EXAMPLE_FILES = {"all-in-one-base.ckpt", "vocab.txt", "video.mp4"}
-
-
-def test_the_readme_example_scores_captions_for_one_video(tmp_path, monkeypatch, official, capsys):
-    """The README's "Score captions for one video", run as written on the fixture's weights and a generated video."""
-    readme = (HERE / "README.md").read_text()
-    code = readme.split("### Score captions for one video")[1].split("```python")[1].split("```")[0]
-    assert len(code.strip().splitlines()) <= 16 and all(name in code for name in README_EXAMPLE_FILES)
-    monkeypatch.chdir(tmp_path)
-    lightning_checkpoint(tmp_path / "all-in-one-base.ckpt", monkeypatch, state_dict=official["state_dict"],
-                         hyper_parameters=dict(config=dict(num_heads=2)))
-    words = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    words += sorted({w for line in code.splitlines() if "captions = [" in line for w in
-                     " ".join(eval(line.split("=", 1)[1])).split()})
-    write(tmp_path / "vocab.txt", "\n".join(words + [f"[pad{i}]" for i in range(128 - len(words))]) + "\n")
-    make_video(tmp_path / "video.mp4", n=20, w=80, h=60)
-    exec(compile(code, "README.md", "exec"), {})
-    lines = capsys.readouterr().out.strip().splitlines()
-    scores = [float(line.split()[0]) for line in lines]
-    assert len(lines) == 3 and scores == sorted(scores, reverse=True)
-
-
 # =====================================================================================================================
 # examples/
 
@@ -1809,3 +1819,110 @@ def test_show_rolling_draws_our_checkpoints_and_an_official_one_on_a_video(tmp_p
                                      "a red ball rolls", "--word", "skates", "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="no such checkpoint"):
         tt.run_script(rolling.main, [str(tmp_path / "nothing.pt"), "--out", str(tmp_path / "o")])
+
+
+def test_score_video_with_our_checkpoint_and_an_official_one(tmp_path, monkeypatch, official, capsys):
+    score = example("score_video")
+    tt.train(tt.parse_options(QUICK + ["--steps", "1", "--out", str(tmp_path / "run")]))
+    video = make_video(tmp_path / "video.mp4", n=20, w=80, h=60)
+    captions = ["a red circle moves left", "a blue square appears", "a green triangle moves up"]
+    model, text, preprocess, _ = tt.load_model(tmp_path / "run" / "ckpt.pt")
+    expected = score.scores(model, text, preprocess, video, captions)  # by the function, checked by hand below
+    clip = tt.load_clip(video, 4, 32)
+    ids, mask = text(captions)
+    with torch.no_grad():
+        by_hand = model.match_score(model(torch.stack([clip] * 3), ids, mask).pooled)
+    assert torch.allclose(expected, by_hand, atol=1e-6)
+    capsys.readouterr()
+    tt.run_script(score.main, [str(video), *captions, "--ckpt", str(tmp_path / "run" / "ckpt.pt")])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(None, 1)[1] for line in lines] == [captions[i] for i in expected.argsort(descending=True)]
+    assert [float(line.split()[0]) for line in lines] == [round(v, 2) for v in sorted(expected.tolist(), reverse=True)]
+    ckpt, vocab = official_files(tmp_path, monkeypatch, official, ["a man plays the guitar", "a dog runs on a beach"])
+    tt.run_script(score.main, [str(video), "a man plays the guitar", "a dog runs on a beach", "--ckpt", str(ckpt),
+                               "--vocab", str(vocab)])
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    for argv, message in [([str(tmp_path / "missing.mp4"), "x", "--ckpt", str(ckpt), "--vocab", str(vocab)],
+                           "missing.mp4: No such file"),
+                          ([str(video), "x", "--ckpt", str(vocab)], "vocab.txt: not a file written by torch.save"),
+                          ([str(video), "x", "--ckpt", str(ckpt)], "needs its BERT vocabulary, --vocab vocab.txt")]:
+        with pytest.raises(SystemExit, match=message):
+            tt.run_script(score.main, argv)
+
+
+def test_search_videos_caches_embeddings_skips_bad_files_and_falls_back_without_projections(tmp_path, monkeypatch,
+                                                                                            official, capsys):
+    search = example("search_videos")
+    tt.train(tt.parse_options(QUICK + ["--steps", "1", "--out", str(tmp_path / "run")]))
+    folder = tmp_path / "videos"
+    (folder / "sub").mkdir(parents=True)
+    names = [make_video(folder / ("sub" if i % 2 else "") / f"v{i}.mp4", n=12, w=40, h=32, codec="mpeg4",
+                        draw=lambda j, w, h, i=i: draw_index((i * 977 + j * 131) % 65536, w, h)) for i in range(5)]
+    (folder / "broken.mp4").write_bytes(b"not a video")
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    argv = [str(folder), "a red circle moves left", "a blue square appears", "--ckpt", str(ckpt), "--top", "3"]
+    embedded, reranking = [], []  # the files the video-only pass decodes (not the re-rank's joint passes)
+    real_load, real_match = search.tt.load_clip, search.match_scores
+
+    def load(path, *args, **kwargs):
+        if not reranking:
+            embedded.append(Path(path).name)
+        return real_load(path, *args, **kwargs)
+
+    def match(*args):
+        reranking.append(True)
+        try:
+            return real_match(*args)
+        finally:
+            reranking.clear()
+
+    monkeypatch.setattr(search.tt, "load_clip", load)
+    monkeypatch.setattr(search, "match_scores", match)
+    capsys.readouterr()
+    tt.run_script(search.main, argv)
+    out, err = capsys.readouterr()
+    assert "6 videos" not in err and "5 videos: 5 embedded now, 0 from the cache; 1 skipped" in err and "broken.mp4" in err
+    lines = out.splitlines()
+    assert lines[0] == "a red circle moves left:" and len(lines) == 8 and lines[4] == "a blue square appears:"
+    # the ranking: contrastive similarity picks the top 3, the match score orders them; by hand for the first query
+    model, text, preprocess, _ = tt.load_model(ckpt)
+    clips = torch.stack([tt.load_clip(p, 4, 32) for p in names])
+    with torch.no_grad():
+        sim = cosine_similarity(model.text_proj(model.encode_text(*text(["a red circle moves left"])).text[:, 0]),
+                                model.video_proj(model.encode_video(clips).video[:, 0]))[0]
+        top = sim.argsort(descending=True)[:3]
+        match = model.match_score(model(clips[top], *text(["a red circle moves left"] * 3)).pooled)
+    shown = [str(names[i].relative_to(folder)) for i in top[match.argsort(descending=True)]]
+    assert [line.split()[1] for line in lines[1:4]] == shown
+    # a second search embeds only what changed: one file rewritten, one added; none from another checkpoint
+    embedded.clear()
+    make_video(names[2], n=12, w=40, h=32, codec="mpeg4")
+    make_video(folder / "v9.mp4", n=12, w=40, h=32, codec="mpeg4")
+    tt.run_script(search.main, argv)
+    err = capsys.readouterr().err
+    assert "6 videos: 2 embedded now, 4 from the cache; 1 skipped" in err
+    assert sorted(embedded) == ["broken.mp4", "v2.mp4", "v9.mp4"]  # the changed, the new, and the one that fails
+    tt.train(tt.parse_options(QUICK + ["--steps", "1", "--seed", "1", "--out", str(tmp_path / "other")]))
+    capsys.readouterr()
+    tt.run_script(search.main, [str(folder), "x", "--ckpt", str(tmp_path / "other" / "ckpt.pt")])
+    assert "6 videos: 6 embedded now, 0 from the cache" in capsys.readouterr().err
+    # no contrastive projections: the joint pass over every video, said so
+    state = {k: v for k, v in official["state_dict"].items() if not k.startswith(("txt_proj", "vid_proj"))}
+    bare, vocab = official_files(tmp_path, monkeypatch, dict(official, state_dict=state), ["a red ball"])
+    tt.run_script(search.main, [str(folder), "a red ball", "--ckpt", str(bare), "--vocab", str(vocab), "--top", "2"])
+    out, err = capsys.readouterr()
+    assert "no trained contrastive projections" in err and "6 passes for each query" in err
+    assert [line.split()[2:4] for line in out.splitlines()[1:]] == [["contrastive", "-"]] * 2
+    # bad input: one line each
+    (tmp_path / "empty").mkdir()
+    for argv, message in [([str(tmp_path / "empty"), "x", "--ckpt", str(ckpt)], "empty: no videos in it"),
+                          ([str(tmp_path / "nowhere"), "x", "--ckpt", str(ckpt)], "nowhere: no such folder"),
+                          ([str(folder), "x", "--ckpt", str(names[0])], "v0.mp4: not a file written by torch.save")]:
+        with pytest.raises(SystemExit, match=message):
+            tt.run_script(search.main, argv)
+    # a full disk for the cache: a warning, and the search still answers
+    monkeypatch.setattr(tt.WhyNot, "write", lambda self, data: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    make_video(folder / "v10.mp4", n=12, w=40, h=32, codec="mpeg4")
+    tt.run_script(search.main, argv[:2] + ["--ckpt", str(ckpt)])
+    out, err = capsys.readouterr()
+    assert "warning: cannot write" in err and "No space left on device: the embeddings are not kept" in err and out

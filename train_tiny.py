@@ -106,7 +106,7 @@ class Options:
     restart: bool = option(False, "start over in an --out that holds a run: its files move to OUT/previous-<time>/")
     eval_only: bool = option(False, "evaluate the --resume or --init model, print a table, append to metrics.jsonl")
     ablation: bool = option(False, "train roll, none and flatten in turn and print a table")
-    samples: int = option(0, "write OUT/samples.png with this many training clips and stop")
+    samples: int = option(0, "write OUT/samples.png, and synthetic, this many clips as videos with data files; stop")
     # your data
     data: str = option("", "train on your clips: a CSV or JSON-lines file (README: Train on your own videos)")
     val_data: str = option("", "held-out clips, or a multiple-choice file (default: --val-share of --data)")
@@ -878,19 +878,66 @@ def ablation(opts):
 
 
 def write_samples(opts):
-    """--samples N: a PNG strip of N training clips (one a row, frames left to right) and their captions, then stop."""
+    """--samples N: a PNG strip of training clips (at most 72, a clip a row) and their captions; synthetic, also the
+    synthetic world as files: N new clips as lossless videos, a caption file, a multiple-choice file and a QA file."""
     opts, model, data, ckpt = setup(opts, torch.device("cpu"))
     out = Path(opts.out)
     make_folder(out)
     if isinstance(data, Synthetic):
         g = torch.Generator().manual_seed(opts.seed)
-        captions = torch.randint(len(CAPTIONS), (opts.samples,), generator=g).tolist()
+        captions = torch.randint(len(CAPTIONS), (min(opts.samples, 72),), generator=g).tolist()
         video, texts = render(captions, data.cfg.frames, data.cfg.image_size, g), [caption_text(c) for c in captions]
     else:
-        video, texts = data.samples(opts.samples)
+        video, texts = data.samples(min(opts.samples, 72))
     write_file(out / "samples.png", lambda f: write_png(f, video))
     write_file(out / "samples.txt", lambda f: f.write(("\n".join(texts) + "\n").encode()))
     print(f"wrote {out / 'samples.png'} and {out / 'samples.txt'}")
+    if isinstance(data, Synthetic):
+        write_world(out, *new_clips(data.cfg, opts.samples, opts.seed), seed=opts.seed)
+
+
+def new_clips(cfg, n, seed=0):
+    """n new renders, as uint8 (n, t, 3, H, W), clip k of caption k mod 72 (so 72 hold every caption once), from a
+    seed no training batch or held-out set uses: (captions, video)."""
+    captions = torch.arange(n) % len(CAPTIONS)
+    video = render(captions.tolist(), cfg.frames, cfg.image_size, torch.Generator().manual_seed(20_000_003 + seed))
+    return captions, (video * 255).round().to(torch.uint8)
+
+
+def write_world(out, captions, video, seed=0, fps=4):
+    """The clips as OUT/clips/clipNNNNN.mp4 (H.264 in RGB, lossless: every pixel decodes as rendered) and the data
+    files that go with them: captions.csv (video, caption), mc.jsonl (its 6 time variants as options, the answer
+    among them) and qa.csv (the three questions)."""
+    make_folder(out / "clips")
+    g, names = torch.Generator().manual_seed(seed), []
+    for k, clip in enumerate(video):
+        names.append(f"clips/clip{k:05d}.mp4")
+        write_file(out / names[-1], lambda f: write_video(f, clip, fps))
+    rows = [(name, int(c)) for name, c in zip(names, captions)]
+    table = io.StringIO()
+    csv.writer(table, lineterminator="\n").writerows([("video", "caption")] + [(v, caption_text(c)) for v, c in rows])
+    write_file(out / "captions.csv", lambda f: f.write(table.getvalue().encode()))
+    mc = []
+    for v, c in rows:
+        options = [time_variants(c)[i] for i in torch.randperm(6, generator=g)]
+        mc.append(json.dumps(dict(video=v, options=[caption_text(o) for o in options], answer=options.index(c))))
+    write_file(out / "mc.jsonl", lambda f: f.write(("\n".join(mc) + "\n").encode()))
+    table = io.StringIO()
+    csv.writer(table, lineterminator="\n").writerows([("video", "question", "answer", "type")] + [
+        (v, question, answer_to(c, kind), kind) for v, c in rows for kind, question in QUESTIONS.items()])
+    write_file(out / "qa.csv", lambda f: f.write(table.getvalue().encode()))
+    print(f"wrote {len(rows)} clips to {out / 'clips'}, and {out / 'captions.csv'}, {out / 'mc.jsonl'}, {out / 'qa.csv'}")
+
+
+def write_video(file, clip, fps):
+    """uint8 (t, 3, H, W) as an MP4 file of RGB H.264 at quantiser 0: lossless (ffmpeg and VLC play it; some players
+    cannot show RGB H.264)."""
+    with av.open(file, "w", format="mp4") as out:
+        stream = out.add_stream("libx264rgb", rate=fps, options={"qp": "0"})
+        stream.width, stream.height, stream.pix_fmt = clip.shape[-1], clip.shape[-2], "rgb24"
+        for frame in clip.permute(0, 2, 3, 1).numpy():
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        out.mux(stream.encode())
 
 
 def write_png(file, video):
@@ -920,7 +967,10 @@ def load_model(path, vocab=""):
     opts = Options(init=str(path), vocab=str(vocab or ""), **TASK_DEFAULTS["pretrain"])
     if not Path(path).is_file():
         raise BadInput(f"{path}: no such checkpoint")
-    start = read_start_point(opts)
+    try:
+        start = read_start_point(opts)
+    except BadInput as e:  # the scripts have no --init
+        raise BadInput(str(e).removeprefix("--init: ").replace("--init ", "")) from None
     tokenizer = start.tokenizer if start.ours else make_tokenizer(opts.vocab, [])
     model, untrained, _ = build_model(opts, start, tokenizer.get_vocab_size(), 0)
     return model.eval(), Text(tokenizer, model.cfg.max_text_len), preprocess_for(opts, start), untrained
