@@ -15,8 +15,10 @@ checks, start points, the run folder, devices, DDP, and the real-clip path (PyAV
 """
 
 import argparse
+import array
 import bisect
 import contextlib
+import copy
 import csv
 import ctypes
 import dataclasses
@@ -218,7 +220,7 @@ class Text:
     """Tokenizes texts to (ids, mask) of the batch's longest text, at most max_len tokens."""
 
     def __init__(self, tokenizer, max_len):
-        self.tok, self.max_len = tokenizer, max_len
+        self.tok, self.max_len, self.truncated = tokenizer, max_len, 0
         self.tok.enable_truncation(max_len)
         self.tok.enable_padding(pad_id=tokenizer.token_to_id("[PAD]"), pad_token="[PAD]")
         self.mask_id = tokenizer.token_to_id("[MASK]")
@@ -229,6 +231,7 @@ class Text:
 
     def __call__(self, texts, device="cpu"):
         enc = self.tok.encode_batch(list(texts))
+        self.truncated += sum(bool(e.overflowing) for e in enc)  # texts cut to max_len, so far
         ids = torch.tensor([e.ids for e in enc], device=device)
         return ids, torch.tensor([e.attention_mask for e in enc], device=device)
 
@@ -1006,7 +1009,7 @@ def setup(opts, device, rank=0, world=1):
     start = read_start_point(opts)
     rows = read_data(opts) if opts.data or opts.val_data else None
     ours = start is not None and start.ours
-    tokenizer = start.tokenizer if ours else make_tokenizer(opts.vocab, texts_of(rows["train"] + rows["val"]) if rows else SYNTHETIC_TEXTS)
+    tokenizer = start.tokenizer if ours else make_tokenizer(opts.vocab, texts_of(rows["train"], rows["val"]) if rows else SYNTHETIC_TEXTS)
     answers = answer_vocabulary(opts, start, rows)
     model, untrained, opts = build_model(opts, start, tokenizer.get_vocab_size(), len(answers))
     text, preprocess = Text(tokenizer, model.cfg.max_text_len), preprocess_for(opts, start)
@@ -1233,7 +1236,7 @@ def report(folder, opts, cfg, step, evaluated, data, **extra):
         print(f"note: {note}")
     row = dict(step=step, task=opts.task, temporal=cfg.temporal, **metrics, **extra)
     if data.skipped:
-        row.update(skipped_clips=data.skipped.count, truncated_captions=data.truncated)
+        row.update(skipped_clips=data.skipped.count, truncated_captions=data.text.truncated)
     append_line(folder.path / "metrics.jsonl", json.dumps(row))
     if opts.eval_only:
         print("\n".join(f"{k:>22}  {v:.4f}" if isinstance(v, float) else f"{k:>22}  {v}" for k, v in row.items()))
@@ -1754,38 +1757,49 @@ TASK_KIND = {"pretrain": "captions", "mc": "mc", "qa": "qa"}
 
 
 def read_rows(path, video_root=""):
-    """(kind, rows) of a data file: a CSV with a header, or JSON lines (.jsonl or .json, any case), in UTF-8 with or
+    """(kind, Rows) of a data file: a CSV with a header, or JSON lines (.jsonl or .json, any case), in UTF-8 with or
     without a byte-order mark. Every row has `video` (relative to video_root, else to the file's folder) and
     optional `start` / `end` (seconds); the kind follows the columns: `caption` (pre-training, retrieval), `options`
     (a JSON list) and `answer` (its index: multiple choice), or `question`, `answer` and optional `type` (QA). A bad
-    row is an error naming the file and its line."""
+    row is an error naming the file and its line. The file is read a line at a time, into columns."""
     path = Path(path)
-    root = Path(video_root) if video_root else path.parent
-    raw = path.read_bytes()
-    try:
-        content = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise BadInput(f"{path} line {line}: not UTF-8 (byte {raw[e.start]:#04x}); save the file as UTF-8") from None
     if path.suffix.lower() in (".jsonl", ".json"):
-        records = []
-        for n, line in enumerate(content.split("\n"), 1):
-            if line.strip():
-                try:
-                    records.append((n, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise BadInput(f"{path} line {n}: not JSON ({e.msg}); the file needs one JSON object per line") from None
+        records = ((n, json_row(path, n, line)) for n, line in enumerate(text_lines(path), 1) if line.strip())
     else:
-        reader = csv.DictReader(io.StringIO(content, newline=""))
-        records = [(reader.line_num, row) for row in reader]
-    if not records:
+        reader = csv.reader(text_lines(path))
+        header = next(reader, [])
+        records = ((reader.line_num, dict(zip(header, values))) for values in reader)
+    rows = None
+    for n, record in records:
+        if rows is None:  # the first row's columns say what kind of file it is
+            keys = record if isinstance(record, dict) else {}
+            rows = Rows("mc" if "options" in keys else "qa" if "question" in keys else "captions",
+                        Path(video_root) if video_root else path.parent)
+        rows.append(parse_row(record, rows.kind, f"{path} line {n}"))
+    if rows is None:
         raise BadInput(f"{path}: no rows")
-    keys = records[0][1] if isinstance(records[0][1], dict) else {}
-    kind = "mc" if "options" in keys else "qa" if "question" in keys else "captions"
-    return kind, [parse_row(row, kind, root, f"{path} line {n}") for n, row in records]
+    return rows.kind, rows.done()
 
 
-def parse_row(row, kind, root, where):
+def text_lines(path):
+    """The lines of a UTF-8 file (a byte-order mark is fine); a line that is not UTF-8 is an error naming it."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                yield (raw.removeprefix(b"\xef\xbb\xbf") if n == 1 else raw).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise BadInput(f"{path} line {n}: not UTF-8 (byte {raw[e.start]:#04x}); save the file as UTF-8") from None
+
+
+def json_row(path, n, line):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BadInput(f"{path} line {n}: not JSON ({e.msg}); the file needs one JSON object per line") from None
+
+
+def parse_row(row, kind, where):
+    """A row checked: a dict of its video path (as written), start and end, and the columns of its kind."""
     if not isinstance(row, dict) or not str(row.get("video") or "").strip():
         raise BadInput(f"{where}: no 'video'")
     try:
@@ -1794,7 +1808,7 @@ def parse_row(row, kind, root, where):
         raise BadInput(f"{where}: start and end must be seconds, got {row.get('start')!r}, {row.get('end')!r}") from None
     if start is not None and end is not None and not start < end:
         raise BadInput(f"{where}: start {start} is not before end {end}")
-    out = dict(video=str(root / str(row["video"]).strip()), start=start, end=end)
+    out = dict(video=str(row["video"]).strip(), start=start, end=end)
 
     def text(name):
         value = str(row.get(name) or "").strip()
@@ -1824,37 +1838,126 @@ def parse_row(row, kind, root, where):
     return out
 
 
+class Texts:
+    """A column of texts as one UTF-8 buffer and the offset where each ends: about the bytes of the text itself."""
+
+    def __init__(self):
+        self.data, self.ends = bytearray(), array.array("q")
+
+    def append(self, text):
+        self.data += text.encode()
+        self.ends.append(len(self.data))
+
+    def done(self):  # numpy views: read-only from here on, shared by forked DataLoader workers as they are
+        self.data, self.ends = np.frombuffer(self.data, np.uint8), np.frombuffer(self.ends, np.int64)
+        return self
+
+    def __getitem__(self, j):
+        return self.data[self.ends[j - 1] if j else 0: self.ends[j]].tobytes().decode()
+
+
+class Rows:
+    """A data file's rows as columns (Texts, and start and end as one float array, NaN for none): no Python object a
+    row, so millions of rows take about their bytes, and DataLoader workers share them without copy-on-write growth
+    (there are no reference counts to touch). rows[i] is row i as a dict, with its video path under the root;
+    rows.take(mask) is a subset over the same columns."""
+
+    TEXTS = {"captions": ("video", "caption"), "qa": ("video", "question", "answer", "type"), "mc": ("video", "options")}
+
+    def __init__(self, kind, root):
+        self.kind, self.root, self.texts = kind, root, {name: Texts() for name in self.TEXTS[kind]}
+        self.times, self.answer, self.options_end = array.array("d"), array.array("q"), array.array("q")
+        self.index = None
+
+    def append(self, row):
+        for name, column in self.texts.items():
+            if name == "options":
+                for option in row["options"]:
+                    column.append(option)
+                self.options_end.append(len(column.ends))
+                self.answer.append(row["answer"])
+            else:
+                column.append(row[name])
+        self.times.extend([math.nan if row[k] is None else row[k] for k in ("start", "end")])
+
+    def done(self):
+        for column in self.texts.values():
+            column.done()
+        self.times = np.frombuffer(self.times, np.float64).reshape(-1, 2)
+        self.answer, self.options_end = np.frombuffer(self.answer, np.int64), np.frombuffer(self.options_end, np.int64)
+        self.index = np.arange(len(self.times))
+        return self
+
+    def take(self, mask):
+        rows = copy.copy(self)
+        rows.index = self.index[mask]
+        return rows
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        j = self.index[i]
+        start, end = (None if math.isnan(v) else float(v) for v in self.times[j])
+        row = dict(video=self.video(j), start=start, end=end)
+        for name in self.TEXTS[self.kind][1:]:
+            if name == "options":
+                first = self.options_end[j - 1] if j else 0
+                row.update(options=[self.texts["options"][o] for o in range(first, self.options_end[j])],
+                           answer=int(self.answer[j]))
+            else:
+                row[name] = self.texts[name][j]
+        return row
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def video(self, j):  # the video path of row j of the columns, under the root
+        return str(self.root / self.texts["video"][j])
+
+    def texts_of(self):  # every caption, question and option: what a word-level vocabulary is made of
+        for name in ("caption", "question"):
+            if name in self.texts:
+                yield from (self.texts[name][j] for j in self.index)
+        if "options" in self.texts:
+            yield from (option for r in self for option in r["options"])
+
+
 def read_data(opts):
     """The training and held-out rows of --data and --val-data, checked against --task. Without --val-data,
     --val-share of --data's videos is held out, so that no video is in both."""
     kind = TASK_KIND[opts.task]
-    rows = dict(train=[], val=[], kind=kind)
+    train = val = None
     if opts.data:
-        found, rows["train"] = read_rows(opts.data, opts.video_root)
+        found, train = read_rows(opts.data, opts.video_root)
         if found != kind:
             raise BadInput(f"--data {opts.data} has {KINDS[found]} rows; --task {opts.task} trains on rows with "
                            f"{KINDS[kind]}")
     if opts.val_data:
-        found, rows["val"] = read_rows(opts.val_data, opts.video_root)
+        found, val = read_rows(opts.val_data, opts.video_root)
         if found != kind and not (opts.task == "pretrain" and found == "mc"):  # pre-training: zero-shot MC too
             raise BadInput(f"--val-data {opts.val_data} has {KINDS[found]} rows; --task {opts.task} evaluates rows "
                            f"with {KINDS[kind]}" + (" (or multiple choice)" if opts.task == "pretrain" else ""))
-        rows["kind"] = found
-    else:  # hold out whole videos
-        videos = sorted({r["video"] for r in rows["train"]})
+    else:  # hold out whole videos: the sorted paths in a seeded shuffle, the first --val-share of them
+        column = train.texts["video"]
+        path_of = {v: str(train.root / v) for v in {column[j] for j in train.index}}  # each video once, as written
+        videos = sorted(set(path_of.values()))
         random.Random(opts.seed).shuffle(videos)
         held = set(videos[: max(1, round(opts.val_share * len(videos)))]) if len(videos) > 1 else set()
-        rows["val"] = [r for r in rows["train"] if r["video"] in held]
-        rows["train"] = [r for r in rows["train"] if r["video"] not in held]
-    if not rows["val"] or not (rows["train"] or opts.eval_only):
+        held = {v for v, path in path_of.items() if path in held}
+        out = np.fromiter((column[j] in held for j in train.index), bool, len(train))
+        train, val = train.take(~out), train.take(out)
+    if not val or not (train or opts.eval_only):
         raise BadInput(f"{opts.data or opts.val_data}: need clips both to train on and to hold out (got "
-                       f"{len(rows['train'])} and {len(rows['val'])}); --eval-only needs only --val-data")
-    return rows
+                       f"{len(train) if train else 0} and {len(val) if val else 0}); --eval-only needs only --val-data")
+    return dict(train=train if train is not None else Rows(kind, Path()).done(), val=val, kind=val.kind)
 
 
-def texts_of(rows):
+def texts_of(*rows):
     """The texts of data-file rows (captions, options, questions): what a word-level vocabulary is made of."""
-    return [t for r in rows for t in [r.get("caption"), r.get("question"), *r.get("options", [])] if t]
+    return (text for r in rows for text in r.texts_of())
 
 
 # --- dataset, sampler, data source
@@ -1945,12 +2048,11 @@ class Clips:
         self.answers = {a: i for i, a in enumerate(answers)}
         self.rows, self.val = rows["train"], rows["val"]
         if opts.task == "qa":  # train only on answers in the vocabulary (--answers N)
-            self.rows = [r for r in self.rows if r["answer"] in self.answers]
-        self.truncated = sum(bool(e.overflowing) for e in text.tok.encode_batch(texts_of(self.rows)))
+            self.rows = self.rows.take(np.array([r["answer"] in self.answers for r in self.rows], bool))
         self.skipped = Skipped(opts.max_bad_share, loud=rank == 0)
         if rank == 0:
             print(f"{opts.data or opts.val_data}: {len(self.rows)} training and {len(self.val)} held-out rows; "
-                  f"{self.truncated} texts longer than {cfg.max_text_len} tokens are truncated"
+                  f"texts longer than {cfg.max_text_len} tokens are truncated (metrics.jsonl: truncated_captions)"
                   + (f"; {len(rows['train']) - len(self.rows)} training rows' answers are outside the "
                      f"{len(answers)}-answer vocabulary and left out" if opts.task == "qa" else ""))
 
@@ -2033,9 +2135,11 @@ class Clips:
         return held
 
     def samples(self, k):
+        k = min(k, len(self.rows))
         video, _, _ = collate([ClipDataset(self.rows, self.cfg.frames, self.cfg.image_size, False, "ours")[(i, 0)]
-                               for i in range(min(k, len(self.rows)))])
-        return video.float() / 255, [r.get("caption") or r.get("question") or "" for r in self.rows[:k]]
+                               for i in range(k)])
+        return video.float() / 255, [self.rows[i].get("caption") or self.rows[i].get("question") or "" for i in range(k)]
+
 
 
 if __name__ == "__main__":

@@ -1,0 +1,93 @@
+"""Peak memory of one training step (the official kind: a VTM pass over matched and mismatched pairs, a separate MLM
+pass, backward, AdamW), by preset, frames, batch and activation checkpointing, each in a fresh process.
+
+    python benchmarks/memory.py                          # CPU: peak resident memory of the process (ru_maxrss)
+    python benchmarks/memory.py --device cuda            # GPU: torch.cuda.max_memory_allocated
+    python benchmarks/memory.py --presets tiny --frames 3 --batch 8 --skip-above 20
+
+On the CPU the figure is the whole process's peak (weights, optimizer state, activations, the allocator's cache).
+A cell whose estimate (from the two smaller batches of its row, linear in the batch) is above --skip-above GiB is
+not run; the table shows the estimate instead. The time of the step is the second of two.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from allinone import AllInOne, Config, mlm_loss, mlm_mask, vtm_batch, vtm_loss  # noqa: E402
+
+
+def one_cell(preset, frames, batch, checkpointing, device):
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    model = AllInOne(Config.preset(preset, frames=frames, checkpointing=checkpointing, dropout=0.0)).to(dev).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    cfg = model.cfg
+    video = torch.randn(batch, frames, 3, cfg.image_size, cfg.image_size, device=dev)
+    ids = torch.randint(1000, cfg.vocab_size, (batch, cfg.max_text_len), device=dev)
+    mask = torch.ones_like(ids)
+    mask[:, cfg.max_text_len * 3 // 4:] = 0  # a quarter of it padding
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    seconds = []
+    for _ in range(2):
+        start = time.perf_counter()
+        with autocast:
+            paired, labels = vtm_batch(video)
+            loss = vtm_loss(model.vtm_head(model(paired, ids, mask).pooled).float(), labels)
+            masked, targets = mlm_mask(ids, mask, cfg.vocab_size)
+            loss = loss + mlm_loss(model.mlm_head(model(video, masked, mask).text), targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps(dict(peak_gib=peak / 2**30, step_s=seconds[-1])))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", nargs="+", default=["tiny", "base"])
+    p.add_argument("--frames", type=int, nargs="+", default=[3, 8])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--skip-above", type=float, default=20.0, help="GiB: larger estimates are not run")
+    p.add_argument("--cell", nargs=4, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.cell:
+        preset, frames, batch, ckpt = args.cell
+        return one_cell(preset, int(frames), int(batch), ckpt == "1", args.device)
+    print(f"{'preset':>6} {'frames':>6} {'batch':>5}  {'peak GiB':>9} {'step s':>7}  {'checkpointing: GiB':>19} {'step s':>7}")
+    for preset in args.presets:
+        for frames in args.frames:
+            for_row = {0: [], 1: []}  # (batch, GiB) measured, for the estimates
+            for batch in args.batch:
+                cells = []
+                for ckpt in (0, 1):
+                    seen = for_row[ckpt]
+                    estimate = (seen[-1][1] + (seen[-1][1] - seen[-2][1]) / (seen[-1][0] - seen[-2][0])
+                                * (batch - seen[-1][0])) if len(seen) >= 2 else 0.0
+                    if estimate > args.skip_above:
+                        cells.append(f"~{estimate:.1f} (est.)      -")
+                        continue
+                    out = subprocess.run([sys.executable, __file__, "--device", args.device, "--cell", preset, str(frames),
+                                          str(batch), str(ckpt)], capture_output=True, text=True)
+                    if out.returncode:
+                        cells.append(f"{'failed':>9} {'-':>7}")
+                        continue
+                    r = json.loads(out.stdout.strip().splitlines()[-1])
+                    seen.append((batch, r["peak_gib"]))
+                    cells.append(f"{r['peak_gib']:9.2f} {r['step_s']:7.2f}")
+                print(f"{preset:>6} {frames:>6} {batch:>5}  {cells[0]}  {cells[1]:>27}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
