@@ -88,7 +88,7 @@ PRESETS = {
     "small": dict(dim=384, depth=12, heads=6),  # 45.9M, All-in-one-S, from DeiT-S
     "base": dict(dim=768, depth=12, heads=12),  # 134.7M, All-in-one-B, from ViT-B/16
     # trains in minutes on a laptop CPU (train_tiny.py): 32 px frames of 8 px patches, a small vocabulary, and video
-    # position embeddings as loud as the patches at this width, or the motion words come late (README: the recipe)
+    # position embeddings as loud as the patches at this width, or the motion words come late (benchmarks/README.md)
     "nano": dict(dim=64, depth=4, heads=4, frames=4, image_size=32, patch_size=8, max_text_len=16, vocab_size=64,
                  video_pos_std=0.3, video_time_std=0.3),  # 0.3M
 }

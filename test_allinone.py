@@ -1282,7 +1282,12 @@ def test_answer_vocabulary_top_n_with_ties_in_a_fixed_order():
 
 def test_write_file_keeps_the_previous_file_when_interrupted(tmp_path):
     path = tmp_path / "ckpt.pt"
-    tt.write_file(path, lambda f: torch.save({"step": 1}, f))
+    umask = os.umask(0o27)  # a new file gets 0o666 less the umask, not the temporary file's private 0o600
+    try:
+        tt.write_file(path, lambda f: torch.save({"step": 1}, f))
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o640
 
     def broken(f):
         f.write(b"half a checkpoint")
@@ -1429,6 +1434,17 @@ def test_eval_only_writes_metrics_and_no_checkpoint(tmp_path, capsys):
     assert len(rows) == 2 and rows[0]["checkpoint"] == str(run / "ckpt.pt") and rows[0]["vtm_acc"] == rows[1]["vtm_acc"]
     code, _, err = run_cli(QUICK + ["--steps", "1", "--out", str(tmp_path / "ev")], capsys)
     assert code == 1 and "holds a run (metrics.jsonl)" in err  # but a training run does not share it
+
+
+def test_ablation_trains_each_temporal_mode_in_its_folder_and_prints_one_table(tmp_path, capsys):
+    code, out, err = run_cli(QUICK + ["--ablation", "--steps", "1", "--eval-clips", "4", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    header, *rows = out.splitlines()[-4:]
+    assert header.split()[:4] == ["temporal", "vtm_acc", "vtm_acc_temporal", "order_flip"]
+    for mode, row in zip(("roll", "none", "flatten"), rows):
+        saved = json.loads((tmp_path / mode / "metrics.jsonl").read_text().splitlines()[-1])
+        assert ckpt_of(tmp_path / mode)["config"]["temporal"] == mode and saved["temporal"] == mode
+        assert row.split()[:4] == [mode] + [f"{saved[k]:.3f}" for k in ("vtm_acc", "vtm_acc_temporal", "order_flip")]
 
 
 def test_samples_write_the_synthetic_world_as_lossless_videos_and_data_files(tmp_path):
@@ -1839,6 +1855,9 @@ def test_show_rolling_draws_our_checkpoints_and_an_official_one_on_a_video(tmp_p
     assert frame.width > 2 * 4 * (4 * 128) and frame.height > 12 * 128  # 2 columns of 4 blocks; 6 clips x 2 words
     assert out.count("block 0: 25% of the patch slots hold travelled tokens") == 1  # roll: 2 + 2 of 16 each way
     assert out.count("block 0: 0% of the patch slots") == 1  # none: nothing travels
+    roll_block0 = next(line for line in out.splitlines() if "block 0: 25%" in line)
+    on_travelled, on_filled = roll_block0.split("on them: ")[1].split("; on the slots rolling fills (25%): ")
+    assert on_travelled == on_filled  # at block 0 the slots rolling fills hold exactly the tokens that travelled
     none_rows = out.split("none/ckpt.pt")[1].split("block 1")[0].split("(rows i): ")[1].split(" | ")
     assert [[float(v) for v in r.split()] for r in none_rows] == [[float(i == j) for j in range(4)] for i in range(4)]
     ckpt, vocab = official_files(tmp_path, monkeypatch, official, ["a red ball rolls"])

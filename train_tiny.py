@@ -110,7 +110,7 @@ class Options:
     ablation: bool = option(False, "train roll, none and flatten in turn and print a table")
     samples: int = option(0, "write OUT/samples.png, and synthetic, this many clips as videos with data files; stop")
     # your data
-    data: str = option("", "train on your clips: a CSV or JSON-lines file (README: Train on your own videos)")
+    data: str = option("", "train on your clips: a CSV or JSON-lines file (README: Your own videos)")
     val_data: str = option("", "held-out clips, or a multiple-choice file (default: --val-share of --data)")
     val_share: float = option(0.05, "share of --data's videos held out when no --val-data")
     video_root: str = option("", "folder the video paths are relative to (default: the data file's)")
@@ -206,7 +206,8 @@ def render(captions, frames, size, generator):
     fg = torch.tensor([COLOURS[c] for c in colour], device=dev) + uniform(-0.08, 0.08, b, 3)
     bg = uniform(0.0, 0.45, b, 1) + uniform(-0.1, 0.1, b, 3)  # a dull background colour
     video = torch.where(inside[:, :, None], fg[:, None, :, None, None], bg[:, None, :, None, None])
-    video = video + uniform(0.01, 0.06, b)[:, None, None, None, None] * torch.randn(video.shape, generator=g, device=dev)
+    noise = uniform(0.01, 0.06, b)[:, None, None, None, None]  # its strength, per clip
+    video = video + noise * torch.randn(video.shape, generator=g, device=dev)
     return video.clamp(0, 1)
 
 
@@ -281,7 +282,7 @@ class Pretrain(nn.Module):
         if "mlm_ids" in batch:
             k = len(batch["mlm_ids"])
             logits = m.mlm_head(m(batch["video"][:k], batch["mlm_ids"], batch["mlm_mask"]).text)
-            out["mlm"] = mlm_loss(logits, batch["mlm_labels"]) * batch.get("mlm_share", 1)  # micro_batches: why
+            out["mlm"] = mlm_loss(logits, batch["mlm_labels"]) * batch.get("mlm_share", 1)  # see micro_batches
         # Contrastive (unimodal passes): the video alone against the texts alone
         video = m.video_proj(m.encode_video(batch["video"]).video[:, 0])  # (b, contrastive_dim)
         text = m.text_proj(m.encode_text(batch["text_ids"], batch["text_mask"]).text[:, 0])
@@ -360,9 +361,11 @@ class Synthetic:
     def batch(self, step):
         g = torch.Generator().manual_seed(hash((self.opts.seed, step)) % 2**62)
         captions = torch.randint(len(CAPTIONS), (self.opts.batch,), generator=g)
-        batch = {"pretrain": self.pretrain_batch, "mc": self.mc_batch, "qa": self.qa_batch}[self.opts.task](captions, step, g)
+        make = {"pretrain": self.pretrain_batch, "mc": self.mc_batch, "qa": self.qa_batch}[self.opts.task]
+        batch = make(captions, step, g)
         pixels = torch.Generator(self.device).manual_seed(int(torch.randint(2**62, (1,), generator=g)))
-        batch["video"] = normalize(render(captions.tolist(), self.cfg.frames, self.cfg.image_size, pixels), self.preprocess)
+        video = render(captions.tolist(), self.cfg.frames, self.cfg.image_size, pixels)
+        batch["video"] = normalize(video, self.preprocess)
         return {k: (v if k in self.shared else v[self.rank:: self.world]).to(self.device) for k, v in batch.items()}
 
     def pretrain_batch(self, captions, step, g):
@@ -610,13 +613,12 @@ def vtm_metrics(p, c, untrained, notes):
     if not other.any():
         notes.append("vtm_acc left out: it needs a caption of another held-out clip, with another text")
         return {}
-
     clips, has = torch.arange(len(c.first)), other.any(1)
     lots = torch.rand(other.shape, generator=torch.Generator().manual_seed(1)).masked_fill(~other, -1)
-    wrong = lots.argmax(1)[has]  # for each clip, one of those captions at random (a fixed seed)
+    other = lots.argmax(1)[has]  # for each clip, one of those captions at random (a fixed seed)
     own = vtm_logits(p, clips, c.ids[c.first], c.mask[c.first])
-    metrics = dict(vtm_acc=(said(own, 1).mean() + said(vtm_logits(p, clips[has], c.ids[wrong], c.mask[wrong]), 0)
-                            .mean()).item() / 2)
+    wrong = vtm_logits(p, clips[has], c.ids[other], c.mask[other])
+    metrics = dict(vtm_acc=(said(own, 1).mean() + said(wrong, 0).mean()).item() / 2)
     if c.swapped_ids is not None:
         swapped = vtm_logits(p, clips, c.swapped_ids, c.swapped_mask)
         metrics["vtm_acc_temporal"] = (said(own, 1).mean() + said(swapped, 0).mean()).item() / 2
@@ -629,6 +631,11 @@ def vtm_logits(p, clip, ids, mask):  # (pairs, 2): the VTM head on the joint pas
     return p.joint("VTM", clip, ids, mask, lambda out, s: p.model.vtm_head(out.pooled))
 
 
+def own_and_swapped(p, c):  # synthetic: each clip's VTM logits with its own caption, and with its time-swapped one
+    clips = torch.arange(len(c.first))
+    return vtm_logits(p, clips, c.ids[c.first], c.mask[c.first]), vtm_logits(p, clips, c.swapped_ids, c.swapped_mask)
+
+
 def said(logits, label):  # 1 where the VTM head said label (1 match, 0 no match) and meant it
     return strictly_best(logits, torch.full((len(logits),), label)).float()
 
@@ -638,15 +645,13 @@ def order_test(p, c, own, swapped):
     time-swapped caption's; order_flip is the share of clips whose decision changes when their frames are reversed
     (a model that reads order flips them all: reversed "moves left" is "moves right"). vtm_acc_temporal_shuffled:
     vtm_acc_temporal with the frames in a fixed shuffled order."""
-    clips, orders, metrics = torch.arange(len(own)), frame_orders(p.frames), {}
-    rev = p.reordered(orders["reversed"])
-    flipped = (own[:, 1] > swapped[:, 1]) != (vtm_logits(rev, clips, c.ids[c.first], c.mask[c.first])[:, 1]
-                                              > vtm_logits(rev, clips, c.swapped_ids, c.swapped_mask)[:, 1])
-    metrics["order_flip"] = flipped.float().mean().item()
+    orders = frame_orders(p.frames)
+    rev_own, rev_swapped = own_and_swapped(p.reordered(orders["reversed"]), c)
+    flipped = (own[:, 1] > swapped[:, 1]) != (rev_own[:, 1] > rev_swapped[:, 1])
+    metrics = dict(order_flip=flipped.float().mean().item())
     if "shuffled" in orders:
-        q = p.reordered(orders["shuffled"])
-        metrics["vtm_acc_temporal_shuffled"] = (said(vtm_logits(q, clips, c.ids[c.first], c.mask[c.first]), 1).mean()
-                                                + said(vtm_logits(q, clips, c.swapped_ids, c.swapped_mask), 0).mean()).item() / 2
+        own, swapped = own_and_swapped(p.reordered(orders["shuffled"]), c)
+        metrics["vtm_acc_temporal_shuffled"] = (said(own, 1).mean() + said(swapped, 0).mean()).item() / 2
     return metrics
 
 
@@ -678,10 +683,12 @@ def retrieval(p, c, untrained, notes):
         notes.append("retrieval left out: it needs two held-out clips")
         return {}
     m, dev = p.model, p.device
-    text = p.run("text", len(c.ids), lambda s: m.text_proj(m.encode_text(c.ids[s].to(dev), c.mask[s].to(dev)).text[:, 0]))
+    text = p.run("text", len(c.ids),
+                 lambda s: m.text_proj(m.encode_text(c.ids[s].to(dev), c.mask[s].to(dev)).text[:, 0]))
     video = p.run("video", len(p.video), lambda s: m.video_proj(m.encode_video(p.clips(s)).video[:, 0]))
     sim, hits = cosine_similarity(text, video), c.label[:, None] == c.clip_label[None]  # (captions, clips)
-    return {**recall_metrics(first_hit_ranks(sim, hits), "t2v"), **recall_metrics(first_hit_ranks(sim.T, hits.T), "v2t")}
+    t2v, v2t = first_hit_ranks(sim, hits), first_hit_ranks(sim.T, hits.T)
+    return {**recall_metrics(t2v, "t2v"), **recall_metrics(v2t, "v2t")}
 
 
 def choice_metrics(p, name, choices, untrained, notes):
@@ -871,7 +878,7 @@ def ablation(opts):
     for mode in ("roll", "none", "flatten"):
         print(f"\n=== --temporal {mode} ===")
         rows.append(train(dataclasses.replace(opts, temporal=mode, out=str(Path(opts.out) / mode))))
-    keys = ["vtm_acc", "vtm_acc_temporal", "mc_acc", "mlm_acc", "t2v_r1", "t2v_r5", "v2t_r1", "clips_per_s",
+    keys = ["vtm_acc", "vtm_acc_temporal", "order_flip", "mc_acc", "mlm_acc", "t2v_r1", "t2v_r5", "v2t_r1", "clips_per_s",
             "flops_per_clip", "wall_s"]
     print(f"\n{'temporal':10}" + "".join(f"{k:>17}" for k in keys))
     for r in rows:
@@ -1320,6 +1327,9 @@ def write_file(path, write):
         raise BadInput(f"cannot write {path}: {e.strerror}") from None
     f = WhyNot(os.fdopen(fd, "wb"))
     try:
+        umask = os.umask(0o22)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the permissions of any new file, not mkstemp's private ones
         with f.file:
             write(f)
             f.file.flush()
@@ -1411,7 +1421,6 @@ class Passes:
     def joint(self, what, clip, ids, mask, head):  # head(Output, slice) of the joint pass of each (clip[i], ids[i])
         return self.run(what, len(ids), lambda s: head(
             self.model(self.clips(clip[s]), ids[s].to(self.device), mask[s].to(self.device)), s))
-
 
 
 def frame_orders(t):

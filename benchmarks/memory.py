@@ -6,8 +6,9 @@ pass, backward, AdamW), by preset, frames, batch and activation checkpointing, e
     python benchmarks/memory.py --presets tiny --frames 3 --batch 8 --skip-above 20
 
 On the CPU the figure is the whole process's peak (weights, optimizer state, activations, the allocator's cache).
-A cell whose estimate (from the two smaller batches of its row, linear in the batch) is above --skip-above GiB is
-not run; the table shows the estimate instead. The time of the step is the second of two.
+A cell whose memory estimate (from the smaller batches of its row, linear in the batch) is above --skip-above GiB, or
+whose step-time estimate is above --skip-slower seconds, is not run; the table shows the estimates instead. The time
+of the step is the second of two.
 """
 
 import argparse
@@ -53,6 +54,17 @@ def one_cell(preset, frames, batch, checkpointing, device):
     print(json.dumps(dict(peak_gib=peak / 2**30, step_s=seconds[-1])))
 
 
+def estimate(seen, batch, proportional=False):
+    """Linear in the batch, from the cells measured so far in the row: [(batch, value)]; from one cell, proportional
+    to the batch where asked (a step's time), else none (memory has a part that does not grow with the batch)."""
+    if not seen or (len(seen) == 1 and not proportional):
+        return 0.0
+    if len(seen) == 1:
+        return seen[0][1] * batch / seen[0][0]
+    (b0, v0), (b1, v1) = seen[-2:]
+    return v1 + (v1 - v0) / (b1 - b0) * (batch - b1)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", default=["tiny", "base"])
@@ -60,6 +72,7 @@ def main():
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip-above", type=float, default=20.0, help="GiB: larger estimates are not run")
+    p.add_argument("--skip-slower", type=float, default=300.0, help="seconds a step: slower estimates are not run")
     p.add_argument("--cell", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.cell:
@@ -68,15 +81,13 @@ def main():
     print(f"{'preset':>6} {'frames':>6} {'batch':>5}  {'peak GiB':>9} {'step s':>7}  {'checkpointing: GiB':>19} {'step s':>7}")
     for preset in args.presets:
         for frames in args.frames:
-            for_row = {0: [], 1: []}  # (batch, GiB) measured, for the estimates
+            gib, secs = {0: [], 1: []}, {0: [], 1: []}  # (batch, measured) of this row, for the estimates
             for batch in args.batch:
                 cells = []
                 for ckpt in (0, 1):
-                    seen = for_row[ckpt]
-                    estimate = (seen[-1][1] + (seen[-1][1] - seen[-2][1]) / (seen[-1][0] - seen[-2][0])
-                                * (batch - seen[-1][0])) if len(seen) >= 2 else 0.0
-                    if estimate > args.skip_above:
-                        cells.append(f"~{estimate:.1f} (est.)      -")
+                    need, take = estimate(gib[ckpt], batch), estimate(secs[ckpt], batch, proportional=True)
+                    if need > args.skip_above or take > args.skip_slower:
+                        cells.append(f"{f'~{need:.1f}':>9} {f'~{take:.0f}':>7}")
                         continue
                     out = subprocess.run([sys.executable, __file__, "--device", args.device, "--cell", preset, str(frames),
                                           str(batch), str(ckpt)], capture_output=True, text=True)
@@ -84,10 +95,11 @@ def main():
                         cells.append(f"{'failed':>9} {'-':>7}")
                         continue
                     r = json.loads(out.stdout.strip().splitlines()[-1])
-                    seen.append((batch, r["peak_gib"]))
+                    gib[ckpt].append((batch, r["peak_gib"]))
+                    secs[ckpt].append((batch, r["step_s"]))
                     cells.append(f"{r['peak_gib']:9.2f} {r['step_s']:7.2f}")
                 print(f"{preset:>6} {frames:>6} {batch:>5}  {cells[0]}  {cells[1]:>27}", flush=True)
-
+    print("~: an estimate (linear in the batch from the row's measured cells), not run")
 
 if __name__ == "__main__":
     main()

@@ -2,6 +2,7 @@
 
     python benchmarks/model_speed.py                      # tiny and base, batch 2, 3 frames, 224 px, text 40, CPU
     python benchmarks/model_speed.py --presets base --device cuda --dtype bfloat16
+    python benchmarks/model_speed.py --presets base --dtype float32 bfloat16     # bf16 against fp32 on the CPU
 
 Eval forward: the joint pass under inference_mode. Training step: an official-style step, a VTM pass (half the pairs
 mismatched) and a separate MLM pass (15% masked), backward, AdamW step. FLOPs are counted by torch's FlopCounterMode
@@ -113,20 +114,30 @@ def main():
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--text-len", type=int, default=40)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"],
+                   help="one or more: each is measured in the same run, its shares against a matmul of its own dtype")
     p.add_argument("--min-time", type=float, default=5.0, help="seconds to time each measurement")
     args = p.parse_args()
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    device = torch.device(args.device)
     mm_size = 4096 if device.type == "cuda" else 2048
-    before = matmul_gflops(device, dtype, mm_size, args.min_time)
-    results = [bench(preset, args, device, dtype) for preset in args.presets]
-    after = matmul_gflops(device, dtype, mm_size, args.min_time)
-    peak = max(before, after)  # the machine is shared: the better of the two readings, so shares are not inflated
-    print(f"torch.mm {mm_size}x{mm_size} {args.dtype} on {device.type} ({torch.get_num_threads()} threads): "
-          f"{before:.1f} GFLOP/s before, {after:.1f} after; shares below use {peak:.1f}")
-    for title, rows in results:
-        report(title, rows, peak)
-
+    results = {}
+    for name in args.dtype:
+        dtype = getattr(torch, name)
+        before = matmul_gflops(device, dtype, mm_size, args.min_time)
+        rows = [bench(preset, args, device, dtype) for preset in args.presets]
+        after = matmul_gflops(device, dtype, mm_size, args.min_time)
+        peak = max(before, after)  # the machine is shared: the better of the two readings, so shares are not inflated
+        print(f"\ntorch.mm {mm_size}x{mm_size} {name} on {device.type} ({torch.get_num_threads()} threads): "
+              f"{before:.1f} GFLOP/s before, {after:.1f} after; shares below use {peak:.1f}")
+        for title, table in rows:
+            report(title, table, peak)
+        results[name] = rows
+    if len(results) > 1:  # the other dtypes' speed against the first's
+        first, *others = results
+        for other in others:
+            for (title, a), (_, b) in zip(results[first], results[other]):
+                print(f"{title.split(':')[0]}: {other} against {first}: " + ", ".join(
+                    f"{name} {b[name][0] / a[name][0]:.2f}x" for name in a))
 
 if __name__ == "__main__":
     main()

@@ -161,7 +161,8 @@ def main(argv=None):
         for rank, (path, contrastive, match) in enumerate(found, 1):
             print(f"  {rank:2d}. {path}  contrastive {'-' if contrastive is None else f'{contrastive:.3f}'}  "
                   f"match {match:.2f}")
-    print(f"{len(args.queries)} queries in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    n = len(args.queries)
+    print(f"{n} {'query' if n == 1 else 'queries'} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
 
 if __name__ == "__main__":

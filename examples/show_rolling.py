@@ -26,7 +26,7 @@ from einops import rearrange
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_tiny as tt  # noqa: E402
-from allinone import token_origins  # noqa: E402
+from allinone import roll_fold, token_origins  # noqa: E402
 
 PALETTE = torch.tensor([[230, 60, 60], [60, 190, 80], [70, 110, 240], [240, 210, 40], [200, 90, 220], [60, 200, 210],
                         [240, 140, 40], [150, 150, 150]], dtype=torch.uint8)
@@ -74,7 +74,8 @@ def word_position(text, caption, word):
 
 def analyse(model, text, preprocess, video, captions, words):
     """Per block: origins (t, n), the t x t shares, the words' heat (clips, words, t, n) over the frames their tokens
-    started in, and the share of each word's patch attention that lands on travelled tokens (clips, words)."""
+    started in, and the share of each word's patch attention that lands on travelled tokens, and on the slots rolling
+    fills from other frames whatever the mode (clips, words): for none, the share those slots get when nothing moves."""
     cfg, (b, t), n = model.cfg, video.shape[:2], model.cfg.tokens_per_frame
     ids, mask = text(captions)
     positions = [[word_position(text, c, w) for _, w in ws] for c, ws in zip(captions, words)]
@@ -84,7 +85,9 @@ def analyse(model, text, preprocess, video, captions, words):
         origins = token_origins(t, n, cfg.fold_div, cfg.depth)
     else:  # nothing travels
         origins = torch.arange(t)[None, :, None].expand(cfg.depth, t, n)
-    l, blocks = ids.shape[1], []
+    l, blocks, fold = ids.shape[1], [], roll_fold(n, cfg.fold_div)
+    rolled = torch.zeros(n, dtype=torch.bool)
+    rolled[1: fold + 1] = rolled[n - fold:] = True  # the slots rolling fills from the previous and the next frame
     for k, w in enumerate(weights):
         w = w.mean(1)  # over heads
         owner = torch.nn.functional.one_hot(origins[k], t).float()  # (t, n, t): slot -> the frame its token left
@@ -101,7 +104,8 @@ def analyse(model, text, preprocess, video, captions, words):
         travelled = (origins[k] != torch.arange(t)[:, None])[:, 1:]
         patch = word_att[..., 1:]
         blocks.append(dict(origins=origins[k], shares=(frame_att / frame_att.sum(-1, keepdim=True)).mean(0), heat=heat,
-                           travelled=(patch * travelled).sum((-1, -2)) / patch.sum((-1, -2))))
+                           travelled=(patch * travelled).sum((-1, -2)) / patch.sum((-1, -2)),
+                           rolled=(patch * rolled[1:]).sum((-1, -2)) / patch.sum((-1, -2))))
     return blocks
 
 
@@ -161,13 +165,16 @@ def main(argv=None):
         blocks = analyse(model, text, preprocess, video, captions, words)
         shown = range(cfg.depth) if args.block is None else [args.block]
         print(f"{path}: temporal {cfg.temporal}, {cfg.frames} frames, {cfg.tokens_per_frame} tokens per frame")
+        rolled_share = 2 * roll_fold(cfg.tokens_per_frame, cfg.fold_div) / (cfg.tokens_per_frame - 1)
         for k in shown:
             blk = blocks[k]
             moved = (blk["origins"] != torch.arange(cfg.frames)[:, None])[:, 1:].float().mean().item()
-            kinds = {kind: blk["travelled"][:, i].mean().item() for i, (kind, _) in enumerate(words[0])}
-            print(f"  block {k}: {moved:.0%} of the patch slots hold travelled tokens (tokens away from their frame); "
-                  "share of the word's patch attention on them: "
-                  + ", ".join(f"{kind} word {v:.2f}" for kind, v in kinds.items()))
+            kinds = [kind for kind, _ in words[0]]
+            print(f"  block {k}: {moved:.0%} of the patch slots hold travelled tokens (away from their frame); a word's "
+                  "patch attention on them: "
+                  + ", ".join(f"{kind} {blk['travelled'][:, i].mean():.2f}" for i, kind in enumerate(kinds))
+                  + f"; on the slots rolling fills ({rolled_share:.0%}): "
+                  + ", ".join(f"{kind} {blk['rolled'][:, i].mean():.2f}" for i, kind in enumerate(kinds)))
             print("    frame i's attention on tokens from frame j (rows i): "
                   + " | ".join(" ".join(f"{v:.2f}" for v in row) for row in blk["shares"].tolist()))
         columns.append(draw(video, [blocks[k] for k in shown], zoom=max(1, 128 // cfg.image_size)))
