@@ -615,9 +615,9 @@ def vtm_metrics(p, c, untrained, notes):
         return {}
     clips, has = torch.arange(len(c.first)), other.any(1)
     lots = torch.rand(other.shape, generator=torch.Generator().manual_seed(1)).masked_fill(~other, -1)
-    other = lots.argmax(1)[has]  # for each clip, one of those captions at random (a fixed seed)
+    pick = lots.argmax(1)[has]  # for each clip, one of those captions at random (a fixed seed)
     own = vtm_logits(p, clips, c.ids[c.first], c.mask[c.first])
-    wrong = vtm_logits(p, clips[has], c.ids[other], c.mask[other])
+    wrong = vtm_logits(p, clips[has], c.ids[pick], c.mask[pick])
     metrics = dict(vtm_acc=(said(own, 1).mean() + said(wrong, 0).mean()).item() / 2)
     if c.swapped_ids is not None:
         swapped = vtm_logits(p, clips, c.swapped_ids, c.swapped_mask)

@@ -69,7 +69,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", default=["tiny", "base"])
     p.add_argument("--frames", type=int, nargs="+", default=[3, 8])
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--batch", type=int, nargs="+", default=[2, 8, 32])  # VTM pairs need 2 clips at least
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip-above", type=float, default=20.0, help="GiB: larger estimates are not run")
     p.add_argument("--skip-slower", type=float, default=300.0, help="seconds a step: slower estimates are not run")
@@ -87,7 +87,7 @@ def main():
                 for ckpt in (0, 1):
                     need, take = estimate(gib[ckpt], batch), estimate(secs[ckpt], batch, proportional=True)
                     if need > args.skip_above or take > args.skip_slower:
-                        cells.append(f"{f'~{need:.1f}':>9} {f'~{take:.0f}':>7}")
+                        cells.append(f"{f'~{need:.1f}' if need else '?':>9} {f'~{take:.0f}':>7}")
                         continue
                     out = subprocess.run([sys.executable, __file__, "--device", args.device, "--cell", preset, str(frames),
                                           str(batch), str(ckpt)], capture_output=True, text=True)
@@ -99,7 +99,7 @@ def main():
                     secs[ckpt].append((batch, r["step_s"]))
                     cells.append(f"{r['peak_gib']:9.2f} {r['step_s']:7.2f}")
                 print(f"{preset:>6} {frames:>6} {batch:>5}  {cells[0]}  {cells[1]:>27}", flush=True)
-    print("~: an estimate (linear in the batch from the row's measured cells), not run")
+    print("~: an estimate (linear in the batch from the row's measured cells), not run; ?: not run, no estimate")
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,7 @@
 """examples/search_videos.py on the synthetic world: every caption of the bank as a query over the 72 clips of
 `train_tiny.py --samples 72` (one right clip per query), how often the right clip comes first by the dual-stream
-ranking alone and after the re-rank of the top K, and the time per embedded clip and per query.
+ranking alone and after the re-rank of the top K, what the wrong first clips differ in, and the time per embedded
+clip and per query.
 
     python benchmarks/search_demo.py out/tiny/ckpt.pt
 """
@@ -11,6 +12,7 @@ import io
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -43,6 +45,14 @@ def main():
     rerank = sum(found[0][0].endswith(r) for found, r in zip(results, right)) / len(queries)
     print(f"{len(queries)} queries over 72 clips: right clip first {dual:.3f} by the dual-stream ranking alone, "
           f"{rerank:.3f} after re-ranking the top {args.top} with the joint pass")
+    wrong = Counter()  # what the clip put first after the re-rank differs in, where it is not the right one
+    for i, found in enumerate(results):
+        first = int(Path(found[0][0]).stem[len("clip"):]) % len(tt.CAPTIONS)
+        if first != i:
+            wrong[" and ".join(k for k, a, b in zip(("colour", "shape", "motion"), tt.CAPTIONS[i], tt.CAPTIONS[first])
+                               if a != b)] += 1
+    print("after the re-rank, the clip first differs from the right one in: "
+          + (", ".join(f"{what} {n}" for what, n in wrong.most_common()) or "nothing"))
     print(f"embedding: {embed_s / 72 * 1000:.1f} ms per clip; a query (text pass, ranking, {args.top} joint passes "
           f"with decoding): {query_s * 1000:.0f} ms")
 
