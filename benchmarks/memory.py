@@ -101,5 +101,6 @@ def main():
                 print(f"{preset:>6} {frames:>6} {batch:>5}  {cells[0]}  {cells[1]:>27}", flush=True)
     print("~: an estimate (linear in the batch from the row's measured cells), not run; ?: not run, no estimate")
 
+
 if __name__ == "__main__":
     main()

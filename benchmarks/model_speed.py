@@ -139,5 +139,6 @@ def main():
                 print(f"{title.split(':')[0]}: {other} against {first}: " + ", ".join(
                     f"{name} {b[name][0] / a[name][0]:.2f}x" for name in a))
 
+
 if __name__ == "__main__":
     main()

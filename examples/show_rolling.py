@@ -26,7 +26,7 @@ from einops import rearrange
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_tiny as tt  # noqa: E402
-from allinone import roll_fold, token_origins  # noqa: E402
+from allinone import token_origins  # noqa: E402
 
 PALETTE = torch.tensor([[230, 60, 60], [60, 190, 80], [70, 110, 240], [240, 210, 40], [200, 90, 220], [60, 200, 210],
                         [240, 140, 40], [150, 150, 150]], dtype=torch.uint8)
@@ -72,6 +72,12 @@ def word_position(text, caption, word):
     raise tt.BadInput(f"--word {word!r} is not in the caption {caption!r} (its tokens: {' '.join(tokens)})")
 
 
+def rolled_slots(t, n, fold_div):
+    """(t, n): True on the slots that rolling fills from another frame before block 0, whatever the model's temporal
+    mode (for `none`, the same slots, as a baseline)."""
+    return token_origins(t, n, fold_div, 1)[0] != torch.arange(t)[:, None]
+
+
 def analyse(model, text, preprocess, video, captions, words):
     """Per block: origins (t, n), the t x t shares, the words' heat (clips, words, t, n) over the frames their tokens
     started in, and the share of each word's patch attention that lands on travelled tokens, and on the slots rolling
@@ -85,9 +91,7 @@ def analyse(model, text, preprocess, video, captions, words):
         origins = token_origins(t, n, cfg.fold_div, cfg.depth)
     else:  # nothing travels
         origins = torch.arange(t)[None, :, None].expand(cfg.depth, t, n)
-    l, blocks, fold = ids.shape[1], [], roll_fold(n, cfg.fold_div)
-    rolled = torch.zeros(n, dtype=torch.bool)
-    rolled[1: fold + 1] = rolled[n - fold:] = True  # the slots rolling fills from the previous and the next frame
+    l, blocks, rolled = ids.shape[1], [], rolled_slots(t, n, cfg.fold_div)[:, 1:]
     for k, w in enumerate(weights):
         w = w.mean(1)  # over heads
         owner = torch.nn.functional.one_hot(origins[k], t).float()  # (t, n, t): slot -> the frame its token left
@@ -105,7 +109,7 @@ def analyse(model, text, preprocess, video, captions, words):
         patch = word_att[..., 1:]
         blocks.append(dict(origins=origins[k], shares=(frame_att / frame_att.sum(-1, keepdim=True)).mean(0), heat=heat,
                            travelled=(patch * travelled).sum((-1, -2)) / patch.sum((-1, -2)),
-                           rolled=(patch * rolled[1:]).sum((-1, -2)) / patch.sum((-1, -2))))
+                           rolled=(patch * rolled).sum((-1, -2)) / patch.sum((-1, -2))))
     return blocks
 
 
@@ -165,7 +169,7 @@ def main(argv=None):
         blocks = analyse(model, text, preprocess, video, captions, words)
         shown = range(cfg.depth) if args.block is None else [args.block]
         print(f"{path}: temporal {cfg.temporal}, {cfg.frames} frames, {cfg.tokens_per_frame} tokens per frame")
-        rolled_share = 2 * roll_fold(cfg.tokens_per_frame, cfg.fold_div) / (cfg.tokens_per_frame - 1)
+        rolled_share = rolled_slots(cfg.frames, cfg.tokens_per_frame, cfg.fold_div)[:, 1:].float().mean()
         for k in shown:
             blk = blocks[k]
             moved = (blk["origins"] != torch.arange(cfg.frames)[:, None])[:, 1:].float().mean().item()
