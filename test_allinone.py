@@ -1,6 +1,7 @@
-"""Tests for allinone.py and train_tiny.py, in the order of the code. Quick, CPU only: python -m pytest -q test_allinone.py"""
+"""Tests for allinone.py, train_tiny.py and examples/, in the order of the code. Quick, CPU only: python -m pytest -q test_allinone.py"""
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -26,6 +27,8 @@ from allinone import (
 )
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE / "examples"))
+import train_videos as tv  # noqa: E402  the companion: real videos, data files, --samples
 FIXTURE = HERE / "testdata" / "official_mini.pt"
 QUICK = ["--batch", "8", "--vtm-clips", "4", "--mlm-clips", "2", "--eval-clips", "16", "--log-every", "1",
          "--warmup", "2", "--device", "cpu"]  # a train_tiny.py run that takes a second a step
@@ -76,10 +79,10 @@ def assert_close(actual, expected, name):
     assert err <= 1e-5, f"{name}: max abs difference {err:.2e}"
 
 
-def run_cli(argv, capsys):
-    """train_tiny's command line in this process: (exit status, stdout, stderr)."""
+def run_cli(argv, capsys, main=tt.main):
+    """train_tiny's command line (or the companion's, main=tv.main) in this process: (exit status, stdout, stderr)."""
     try:
-        tt.main(argv)
+        main(argv)
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
@@ -87,6 +90,17 @@ def run_cli(argv, capsys):
             print(e.code, file=sys.stderr)
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def script(main, argv):
+    """An example script's command line: bad input is one line and exit status 1."""
+    with tt.one_line_errors():
+        return main(argv)
+
+
+def train_videos(argv):
+    """examples/train_videos.py's training run in this process: its last metrics."""
+    return tt.train(tt.parse_options(argv, tv.VideoOptions), tv.Clips)
 
 
 def ckpt_of(folder):
@@ -98,7 +112,7 @@ def model_of(folder):
     ckpt = ckpt_of(folder)
     model = AllInOne(Config(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
-    return model.eval(), tt.Text(tt.Tokenizer.from_str(ckpt["tokenizer"]), model.cfg.max_text_len)
+    return model.eval(), tt.Tokens(tt.Tokenizer.from_str(ckpt["tokenizer"]), model.cfg.max_text_len)
 
 
 def write(path, content):
@@ -770,7 +784,7 @@ def test_bert_vocab_tokenizer_and_bad_vocab_files(tmp_path):
     tok = tt.make_tokenizer(tmp_path / "vocab.txt", [])
     assert tok.encode("A red ball, rolls").tokens == ["[CLS]", "a", "red", "ball", ",", "roll", "##s", "[SEP]"]
     assert [tok.token_to_id(t) for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]")] == [PAD_ID, CLS_ID, SEP_ID, MASK_ID]
-    text = tt.Text(tok, 16)
+    text = tt.Tokens(tok, 16)
     ids, mask = text(["a red ball rolls"] * 4000)
     _, labels = text.mask_words(ids, mask, len(words), torch.Generator().manual_seed(0))
     roll, s = (labels[:, 4] != -100), (labels[:, 5] != -100)  # "roll" "##s": one word, masked together
@@ -785,14 +799,18 @@ def test_bert_vocab_tokenizer_and_bad_vocab_files(tmp_path):
 # --- objectives and synthetic data -----------------------------------------------------------------------------------
 
 
+def synthetic(opts, cfg, tokens, preprocess="ours", rank=0, world=1):
+    return tt.Synthetic(opts, rank, world).prepare(opts, cfg, tokens, preprocess, [], torch.device("cpu"))
+
+
 def tiny_setup(task="pretrain", **kw):
     opts = tt.Options(**{**tt.TASK_DEFAULTS[task], "task": task, "batch": 16, "vtm_clips": 8, "mlm_clips": 4, **kw})
     tok = tt.make_tokenizer("", tt.SYNTHETIC_TEXTS)
     cfg = Config.preset("nano", vocab_size=tok.get_vocab_size(), video_only_temporal=True, dropout=0.0,
                         mc_head=task == "mc", num_answers=len(tt.ANSWERS) if task == "qa" else 0)
-    text = tt.Text(tok, cfg.max_text_len)
+    text = tt.Tokens(tok, cfg.max_text_len)
     torch.manual_seed(0)
-    return opts, cfg, text, AllInOne(cfg), tt.Synthetic(cfg, text, opts, "ours", torch.device("cpu"))
+    return opts, cfg, text, AllInOne(cfg), synthetic(opts, cfg, text)
 
 
 def test_loss_goes_down_on_a_fixed_batch():
@@ -840,7 +858,7 @@ def test_synthetic_batches_are_deterministic_and_split_among_processes():
     assert a["vtm_labels"].sum() == 4 and len(a["vtm_ids"]) == 8 and len(a["mlm_ids"]) == 4
     assert a["video"].min() == -1 and a["video"].max() == 1  # "ours": pixels in [-1, 1]
     # two processes: process r takes clips r, r + 2, ... of the same global batch, the VTM and MLM clips among them
-    halves = [tt.Synthetic(cfg, text, opts, "ours", torch.device("cpu"), rank=r, world=2).batch(3) for r in (0, 1)]
+    halves = [synthetic(opts, cfg, text, rank=r, world=2).batch(3) for r in (0, 1)]
     for key in a:
         if key in tt.Synthetic.shared:
             assert all(torch.equal(h[key], a[key]) for h in halves)
@@ -1064,7 +1082,7 @@ def held_out_of(n_clips, captions_per_clip, text, words):
 def oracle_text():
     words = [f"w{i}" for i in range(20)] + [f"x{k}" for k in range(4)] + ["what", "is", "it"]
     tok = tt.make_tokenizer("", words)
-    return tt.Text(tok, 8), tok
+    return tt.Tokens(tok, 8), tok
 
 
 def test_evaluate_on_an_oracle_gives_the_known_numbers():
@@ -1109,7 +1127,7 @@ def test_evaluate_leaves_out_what_means_nothing():
     m, notes = tt.evaluate(Oracle(torch.tensor([word[c] for c in range(3)])), held, text, contextlib.nullcontext(), "ours",
                            untrained={"text_proj", "video_proj", "mlm_head"})
     assert "t2v_r1" not in m and "mlm_acc" not in m and m["vtm_acc"] == 1.0
-    assert any("contrastive projections were never trained" in n for n in notes)
+    assert "retrieval left out: text_proj and video_proj never trained (chance numbers)" in notes
     blank = held_out_of(2, 1, text, [0, 1])
     blank.captions.ids[:, 1:], blank.captions.mask[:, 1:] = 0, 0  # [CLS] alone: nothing to mask
     m, notes = tt.evaluate(Oracle(torch.tensor([word[0], word[1]])), blank, text, contextlib.nullcontext(), "ours")
@@ -1122,7 +1140,8 @@ class FrameOrderStub(torch.nn.Module):
 
     def __init__(self, swapped):
         super().__init__()
-        self.swapped, self.cfg, self.w = swapped, SimpleNamespace(vocab_size=40), torch.nn.Parameter(torch.zeros(1))
+        self.swapped, self.cfg = swapped, SimpleNamespace(vocab_size=40, mc_head=False)
+        self.w = torch.nn.Parameter(torch.zeros(1))
         self.vtm_head = torch.nn.Identity()
 
     def forward(self, video, ids, mask):
@@ -1146,7 +1165,7 @@ def test_the_frame_order_test_flips_for_order_and_not_without_it(one_thread):
     torch.manual_seed(0)
     blind = AllInOne(cfg)
     blind.video_embed.temporal.data.zero_()
-    held = tt.Synthetic(cfg, text, opts, "ours", torch.device("cpu")).held_out()
+    held = synthetic(opts, cfg, text).held_out()
     assert not all(torch.equal(clip[0], clip[-1]) for clip in held.video)  # the frames differ
     m, _ = tt.evaluate(blind, held, text, contextlib.nullcontext(), "ours")
     assert m["order_flip"] == 0.0 and m["vtm_acc_temporal_shuffled"] == m["vtm_acc_temporal"]
@@ -1195,10 +1214,9 @@ def test_bad_options_give_one_clear_message(tmp_path, capsys):
         (["--weight-decay", "nan"], "--weight-decay must be 0 or more"),
         (["--dropout", "2"], "--dropout must be in [0, 1)"),
         (["--curriculum", "1.5"], "--curriculum must be between 0 and 1"),
-        (["--val-share", "1"], "--val-share must be between 0 and 1"),
         (["--precision", "fp8"], "--precision must be auto, fp32, bf16 or fp16"),
         (["--accum", "0"], "--accum must be at least 1"),
-        (["--data", "no/such.csv"], "--data no/such.csv: no such file"),
+        (["--data", "clips.csv"], "unrecognized arguments: --data"),  # your own videos: examples/train_videos.py
         (["--vocab", str(tmp_path)], f"--vocab {tmp_path}: no such file"),
         (["--init", "x.ckpt"], "--init x.ckpt: no such file"),
         (["--eval-only"], "--eval-only needs a model"),
@@ -1206,6 +1224,14 @@ def test_bad_options_give_one_clear_message(tmp_path, capsys):
     ]
     for argv, message in cases:
         code, _, err = run_cli(argv, capsys)
+        assert code == 2 and message in err and "Traceback" not in err, (argv, err)
+    for argv, message in [(["--val-share", "1"], "--val-share must be between 0 and 1"),
+                          (["--max-bad-share", "-0.1"], "--max-bad-share must be between 0 and 1"),
+                          (["--workers", "-1"], "--workers must be 0 or more"),
+                          (["--data", "no/such.csv"], "--data no/such.csv: no such file"),
+                          (["--steps", "5"], "no data: --data"),
+                          (["--lr", "0", "--steps", "5"], "--lr must be a positive number")]:
+        code, _, err = run_cli(argv, capsys, main=tv.main)
         assert code == 2 and message in err and "Traceback" not in err, (argv, err)
     for argv, message in [(["--fold-div", "1"], "cannot build the model: temporal rolling needs"),
                           (["--frames", "1", "--temporal", "roll", "--fold-div", "20"], "cannot build the model")]:
@@ -1219,20 +1245,24 @@ def test_resume_refuses_a_flag_that_would_change_the_run(tmp_path, capsys):
     assert code == 2 and "--batch 16 differs from the checkpoint's 8" in err and "--steps" in err
     code, _, err = run_cli(["--resume", "--out", str(tmp_path), "--temporal", "flatten"], capsys)
     assert code == 2 and "--temporal 'flatten' differs from the checkpoint's 'roll'" in err
-    code, out, _ = run_cli(["--resume", "--out", str(tmp_path), "--steps", "3", "--log-every", "5", "--workers", "0"], capsys)
+    code, out, _ = run_cli(["--resume", "--out", str(tmp_path), "--steps", "3", "--log-every", "5", "--order-test"], capsys)
     assert code == 0 and ckpt_of(tmp_path)["step"] == 3
+    code, _, err = run_cli(["--resume", "--out", str(tmp_path), "--steps", "4"], capsys, main=tv.main)
+    assert code == 2 and "no data: --data" in err  # a synthetic run goes on in train_tiny.py
 
 
 def test_readme_commands_parse():
-    """Every `python train_tiny.py ...` command in the README takes only options that exist."""
-    readme = (HERE / "README.md").read_text()
-    commands = [line.split("train_tiny.py", 1)[1].split("#")[0].split() for line in readme.splitlines()
-                if line.strip().startswith(("python train_tiny.py", "torchrun")) and "train_tiny.py" in line]
-    assert len(commands) >= 8
-    known = {"--" + f.name.replace("_", "-") for f in tt.dataclasses.fields(tt.Options)} | {"--help"}
-    for argv in commands:
-        flags = [a.split("=")[0] for a in argv if a.startswith("--")]
-        assert set(flags) <= known, (argv, set(flags) - known)
+    """Every `python train_tiny.py ...` and `python examples/train_videos.py ...` command in the README and the two
+    files' docstrings takes only options of its script."""
+    texts = "\n".join([(HERE / "README.md").read_text(), tt.__doc__, tv.__doc__])
+    for script, options, least in (("train_tiny.py", tt.Options, 8), ("examples/train_videos.py", tv.VideoOptions, 5)):
+        commands = [line.split(script, 1)[1].split("#")[0].split() for line in texts.splitlines()
+                    if line.strip().startswith(("python", "torchrun")) and f" {script}" in line]
+        assert len(commands) >= least, script
+        known = {"--" + f.name.replace("_", "-") for f in tt.dataclasses.fields(options)} | {"--help"}
+        for argv in commands:
+            flags = [a.split("=")[0] for a in argv if a.startswith("--") and a != "--nproc_per_node"]
+            assert set(flags) <= known, (script, argv, set(flags) - known)
 
 
 # --- start points ----------------------------------------------------------------------------------------------------
@@ -1270,11 +1300,12 @@ def test_crafted_checkpoints_run_no_code_through_the_command_line(tmp_path, caps
 
 
 def test_answer_vocabulary_top_n_with_ties_in_a_fixed_order():
-    rows = dict(train=[dict(answer=a) for a in ["dog", "cat", "cat", "bird", "ant", "dog", "eel"]])
-    opts = tt.Options(task="qa")
-    assert tt.answer_vocabulary(opts, None, rows) == ["cat", "dog", "ant", "bird", "eel"]
-    assert tt.answer_vocabulary(replace(opts, answers=3), None, rows) == ["cat", "dog", "ant"]
-    assert tt.answer_vocabulary(opts, None, None) == tt.ANSWERS
+    clips = SimpleNamespace(rows=[dict(answer=a) for a in ["dog", "cat", "cat", "bird", "ant", "dog", "eel"]],
+                            opts=SimpleNamespace(answers=0))
+    assert tv.Clips.answer_vocabulary(clips) == ["cat", "dog", "ant", "bird", "eel"]
+    clips.opts.answers = 3
+    assert tv.Clips.answer_vocabulary(clips) == ["cat", "dog", "ant"]
+    assert tt.Synthetic(tt.Options()).answer_vocabulary() == tt.ANSWERS
 
 
 # --- checkpoints, the run folder, the other entry points -------------------------------------------------------------
@@ -1309,7 +1340,7 @@ def small_disk(path, megabytes, monkeypatch):
     if not mounted:
         room = [megabytes << 20]
 
-        class Small(tt.io.FileIO):
+        class Small(io.FileIO):
             def write(self, data):
                 room[0] -= len(data)
                 if room[0] < 0:
@@ -1320,7 +1351,7 @@ def small_disk(path, megabytes, monkeypatch):
             return Small(file, mode.replace("b", "")) if "b" in mode else open(file, mode, **kwargs)
 
         monkeypatch.setattr(tt, "open", small_open, raising=False)
-        monkeypatch.setattr(tt.os, "fdopen", lambda fd, mode: tt.io.BufferedWriter(Small(fd, "w")))
+        monkeypatch.setattr(tt.os, "fdopen", lambda fd, mode: io.BufferedWriter(Small(fd, "w")))
     try:
         yield
     finally:
@@ -1343,7 +1374,7 @@ def test_a_full_disk_is_one_clear_line_and_keeps_the_last_checkpoint(tmp_path, c
             tt.append_line(out / "metrics.jsonl", "x" * (8 << 20))
         assert ((out / "metrics.jsonl").read_bytes() if (out / "metrics.jsonl").exists() else b"") == before
     with small_disk(tmp_path / "small", 1, monkeypatch):  # --samples output that does not fit
-        code, _, err = run_cli(["--samples", "400", "--out", str(tmp_path / "small")], capsys)
+        code, _, err = run_cli(["--samples", "400", "--out", str(tmp_path / "small")], capsys, main=tv.main)
         assert code == 1 and f"error: cannot write {tmp_path / 'small'}" in err and "No space left on device" in err, err
         assert "Traceback" not in err
 
@@ -1448,40 +1479,40 @@ def test_ablation_trains_each_temporal_mode_in_its_folder_and_prints_one_table(t
 
 
 def test_samples_write_the_synthetic_world_as_lossless_videos_and_data_files(tmp_path):
-    tt.write_samples(tt.parse_options(["--samples", "75", "--out", str(tmp_path)]))
+    tv.write_samples(tt.parse_options(["--samples", "75", "--out", str(tmp_path)], tv.VideoOptions))
     with av.open(str(tmp_path / "samples.png")) as c:
         frame = next(c.decode(video=0))
     assert (frame.width, frame.height) == (4 * 4 * 33, 72 * 4 * 32)  # 4 frames and a line after each; 72 clips at most
     assert len((tmp_path / "samples.txt").read_text().splitlines()) == 72
-    captions, video = tt.new_clips(Config.preset("nano"), 75)
+    captions, video = tv.new_clips(Config.preset("nano"), 75)
     assert captions.tolist() == [k % 72 for k in range(75)]
     for k in (0, 41, 74):  # every decoded pixel as rendered
-        assert torch.equal(tt.read_clip(tmp_path / "clips" / f"clip{k:05d}.mp4", 4, 32), video[k])
-    kind, rows = tt.read_rows(tmp_path / "captions.csv")
+        assert torch.equal(tv.decode_clip(tmp_path / "clips" / f"clip{k:05d}.mp4", 4, 32), video[k])
+    kind, rows = tv.read_rows(tmp_path / "captions.csv")
     assert kind == "captions" and [r["caption"] for r in rows] == [tt.caption_text(k % 72) for k in range(75)]
     assert rows[74]["video"] == str(tmp_path / "clips" / "clip00074.mp4")
-    kind, rows = tt.read_rows(tmp_path / "mc.jsonl")
+    kind, rows = tv.read_rows(tmp_path / "mc.jsonl")
     assert kind == "mc" and len(rows) == 75
     for k, r in enumerate(rows):  # its own caption among the 6 that differ only in the time words
         assert r["options"][r["answer"]] == tt.caption_text(k % 72)
         assert sorted(r["options"]) == sorted(tt.caption_text(j) for j in tt.time_variants(k % 72))
     assert len({r["answer"] for r in rows}) > 1  # not always in the same place
-    kind, rows = tt.read_rows(tmp_path / "qa.csv")
+    kind, rows = tv.read_rows(tmp_path / "qa.csv")
     assert kind == "qa" and [(r["type"], r["answer"]) for r in rows[:3]] == [("colour", "red"), ("shape", "square"),
                                                                                ("motion", "moves left")]
 
 
 def test_the_world_as_files_gives_the_metrics_of_the_rendered_clips(tmp_path, capsys, one_thread):
     tt.train(tt.parse_options(QUICK + ["--steps", "3", "--out", str(tmp_path / "run")]))
-    tt.write_samples(tt.parse_options(["--samples", "72", "--out", str(tmp_path / "world")]))
-    model, text, preprocess, untrained = tt.load_model(tmp_path / "run" / "ckpt.pt")
+    tv.write_samples(tt.parse_options(["--samples", "72", "--out", str(tmp_path / "world")], tv.VideoOptions))
+    model, text, preprocess, untrained = tv.load_model(tmp_path / "run" / "ckpt.pt")
     opts = tt.parse_options(["--eval-only", "--init", str(tmp_path / "run" / "ckpt.pt"), "--eval-clips", "72"])
-    captions, video = tt.new_clips(model.cfg, 72)
-    held = tt.Synthetic(model.cfg, text, opts, preprocess, torch.device("cpu")).held_out_of(captions, video, None)
+    captions, video = tv.new_clips(model.cfg, 72)
+    held = synthetic(opts, model.cfg, text, preprocess).held_out_of(captions, video, None)
     rendered, _ = tt.evaluate(model, held, text, contextlib.nullcontext(), preprocess, untrained)
     for name, keys in (("captions.csv", ("vtm_acc", "t2v_r1", "v2t_r1", "t2v_medr")), ("mc.jsonl", ("mc_acc",))):
         code, _, err = run_cli(["--eval-only", "--init", str(tmp_path / "run" / "ckpt.pt"), "--val-data",
-                                str(tmp_path / "world" / name), "--workers", "0", "--out", str(tmp_path / name)], capsys)
+                                str(tmp_path / "world" / name), "--workers", "0", "--out", str(tmp_path / name)], capsys, main=tv.main)
         assert code == 0, err
         files = json.loads((tmp_path / name / "metrics.jsonl").read_text())
         assert files["clips"] == 72 and {k: files[k] for k in keys} == {k: rendered[k] for k in keys}, name
@@ -1526,19 +1557,19 @@ def test_two_processes_compute_what_one_process_computes(tmp_path):
 def test_eval_sampling_takes_the_segment_middles(tmp_path, codec, ext):
     path = make_video(tmp_path / f"v.{ext}", codec=codec)
     for t in (1, 3, 8):
-        assert indices(tt.load_clip(path, t, 32)) == middles(60, t)
+        assert indices(tv.load_clip(path, t, 32)) == middles(60, t)
     # seconds: at 30 fps the frames 15..44 lie in [0.49, 1.49)
-    assert indices(tt.load_clip(path, 4, 32, start=0.49, end=1.49)) == [15 + m for m in middles(30, 4)]
+    assert indices(tv.load_clip(path, 4, 32, start=0.49, end=1.49)) == [15 + m for m in middles(30, 4)]
 
 
 def test_variable_frame_rate(tmp_path):
     times = np.concatenate([[0], np.cumsum(np.random.default_rng(0).uniform(0.01, 0.2, 59))])
     path = make_video(tmp_path / "vfr.mp4", times=times)
-    assert indices(tt.load_clip(path, 5, 32)) == middles(60, 5)
+    assert indices(tv.load_clip(path, 5, 32)) == middles(60, 5)
     for start, end in [(0.5, 2.5), (1.234, 4.0), (3.0, 100.0)]:
         inside = np.flatnonzero((times >= start) & (times < end))
         want = [int(inside[m]) for m in middles(len(inside), 6)]
-        got = indices(tt.load_clip(path, 6, 32, start=start, end=end))
+        got = indices(tv.load_clip(path, 6, 32, start=start, end=end))
         assert all(abs(a - b) <= 1 for a, b in zip(got, want)) and len(got) == 6, (got, want)
 
 
@@ -1546,20 +1577,20 @@ def test_training_sampling_stays_inside_each_segment(tmp_path):
     path = make_video(tmp_path / "v.mp4", n=40, w=64, h=64)
     seen = set()
     for seed in range(4):
-        got = indices(tt.load_clip(path, 5, 32, train=True, generator=torch.Generator().manual_seed(seed)))
+        got = indices(tv.load_clip(path, 5, 32, train=True, generator=torch.Generator().manual_seed(seed)))
         assert all(8 * k <= g <= 8 * k + 7 for k, g in enumerate(got)), got
         seen.add(tuple(got))
     assert len(seen) > 1  # random, not always the middles
-    a, b = (tt.load_clip(path, 5, 32, train=True, generator=torch.Generator().manual_seed(7)) for _ in "ab")
+    a, b = (tv.load_clip(path, 5, 32, train=True, generator=torch.Generator().manual_seed(7)) for _ in "ab")
     assert torch.equal(a, b)
 
 
 def test_short_clip_repeats_frames_in_order(tmp_path):
     path = make_video(tmp_path / "short.mp4", n=3, w=48, h=48)
-    assert indices(tt.load_clip(path, 8, 32)) == [0, 0, 0, 1, 1, 1, 2, 2]
-    assert indices(tt.load_clip(path, 8, 32, train=True)) == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert indices(tv.load_clip(path, 8, 32)) == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert indices(tv.load_clip(path, 8, 32, train=True)) == [0, 0, 0, 1, 1, 1, 2, 2]
     for seed in range(5):
-        got = tt.segment_frames(3, 7, train=True, generator=torch.Generator().manual_seed(seed))
+        got = tv.segment_frames(3, 7, train=True, generator=torch.Generator().manual_seed(seed))
         assert got == sorted(got) and set(got) == {0, 1, 2}
 
 
@@ -1569,7 +1600,7 @@ def test_rotation_metadata_is_honoured(tmp_path, matrix, turns):
     path = make_video(tmp_path / "rot.mp4", n=20, w=96, h=64, matrix=matrix)
     with av.open(str(path)) as c:  # the file really carries the rotation
         assert (next(c.decode(video=0)).rotation + 90 * turns) % 360 == 0
-    clip = tt.load_clip(path, 4, 32)
+    clip = tv.load_clip(path, 4, 32)
     # turning the output back by the metadata's angle gives the drawn picture, upright
     assert [read_index(torch.from_numpy(np.rot90(f.numpy(), turns, (1, 2)).copy())) for f in clip] == middles(20, 4)
     assert indices(clip) != middles(20, 4)
@@ -1577,7 +1608,7 @@ def test_rotation_metadata_is_honoured(tmp_path, matrix, turns):
 
 @pytest.mark.parametrize("w, h", [(96, 64), (64, 96)])
 def test_shape_range_and_centre_crop(tmp_path, w, h):
-    clip = tt.load_clip(make_video(tmp_path / "wide.mp4", n=10, w=w, h=h), 3, 40)
+    clip = tv.load_clip(make_video(tmp_path / "wide.mp4", n=10, w=w, h=h), 3, 40)
     assert clip.shape == (3, 3, 40, 40) and clip.dtype == torch.float32
     assert -1 <= clip.min() < -0.9 and 0.9 < clip.max() <= 1
     assert indices(clip) == middles(10, 3)
@@ -1588,10 +1619,10 @@ def test_every_kind_of_bad_file_raises_clip_error_naming_it(tmp_path):
     reasons = ["No such file", "Invalid data", "Invalid data", "Invalid data", r"truncated \(1 of 30 frames\)",
                "no video stream"]
     for name, reason in zip(make_bad_files(tmp_path), reasons):
-        with pytest.raises(tt.ClipError, match=f"cannot load .*{name}: {reason}"):
-            tt.load_clip(tmp_path / name, 4, 32)
-    with pytest.raises(tt.ClipError, match=r"good.mp4.*no video frames in \[5.0, 6.0\)"):
-        tt.load_clip(tmp_path / "good.mp4", 4, 32, start=5.0, end=6.0)
+        with pytest.raises(tv.ClipError, match=f"cannot load .*{name}: {reason}"):
+            tv.load_clip(tmp_path / name, 4, 32)
+    with pytest.raises(tv.ClipError, match=r"good.mp4.*no video frames in \[5.0, 6.0\)"):
+        tv.load_clip(tmp_path / "good.mp4", 4, 32, start=5.0, end=6.0)
 
 
 def test_resize_like_pillow_matches_pillow():
@@ -1601,7 +1632,7 @@ def test_resize_like_pillow_matches_pillow():
     smooth = np.stack([(127 + 120 * np.sin(x / 17.0 + c) * np.cos(y / 23.0 - c)) for c in range(3)], -1).astype(np.uint8)
     for key, size in [("64to20", 20), ("64to38", 38), ("64to76", 76), ("512to268", 268)]:
         image = ref[key + "_input"].numpy() if key + "_input" in ref else smooth
-        assert np.array_equal(tt.resize_like_pillow(image, size), ref[key].numpy()), key
+        assert np.array_equal(tv.resize_like_pillow(image, size), ref[key].numpy()), key
 
 
 def blocks(i, w, h):  # four colour blocks, split at a quarter of the width and half the height
@@ -1614,7 +1645,7 @@ def blocks(i, w, h):  # four colour blocks, split at a quarter of the width and 
 def test_official_preprocessing_squashes_resizes_and_crops(tmp_path):
     path = make_video(tmp_path / "blocks.mkv", n=6, w=96, h=64, codec="libx264rgb", draw=blocks, pix_fmt="rgb24",
                       codec_options={"qp": "0"})  # lossless: the frame's pixels are known
-    clip = tt.load_clip(path, 2, 32, preprocess="official")
+    clip = tv.load_clip(path, 2, 32, preprocess="official")
     # By hand: squashed to 512x512, the split lies at x = 128 and y = 256; resized to int(1.2 * 32) = 38 px, at 9.5
     # and 19; the centre crop starts at round((38 - 32) / 2) = 3, so in the output at x = 6.5 and y = 16: pixel column
     # 6 and rows 15 and 16 are blends (bilinear filters), the others the colour of their block, normalised with
@@ -1630,7 +1661,7 @@ def test_official_preprocessing_squashes_resizes_and_crops(tmp_path):
     assert (red[:15, 5] > red[:15, 6]).all() and (red[:15, 6] > red[:15, 7]).all()
     assert (red[14, 0] > red[15, 0] > red[16, 0] > red[17, 0]) or (red[14, 0] < red[15, 0] < red[16, 0] < red[17, 0])
     # ours keeps the aspect ratio: the shorter side to 32 (width 48), centre crop from 8: the split at x = 12 - 8 = 4
-    ours = tt.load_clip(path, 2, 32)
+    ours = tv.load_clip(path, 2, 32)
     assert torch.allclose(ours[0, 0, :14, 5], ours[0, 0, :14, 31], atol=0.02)
     assert not torch.allclose(clip[0, 0, :14, 5], clip[0, 0, :14, 31], atol=0.1)
 
@@ -1643,9 +1674,9 @@ def test_an_image_is_a_clip_of_one_repeated_frame(tmp_path, codec, ext, pix_fmt)
         s.width, s.height, s.pix_fmt = 64, 48, pix_fmt
         out.mux(s.encode(av.VideoFrame.from_ndarray(draw_index(37, 64, 48), format="rgb24").reformat(format=pix_fmt)))
         out.mux(s.encode())
-    clip = tt.load_clip(path, 3, 32)
+    clip = tv.load_clip(path, 3, 32)
     assert clip.shape == (3, 3, 32, 32) and indices(clip) == [37, 37, 37]
-    assert tt.load_clip(path, 3, 32, preprocess="official").shape == (3, 3, 32, 32)
+    assert tv.load_clip(path, 3, 32, preprocess="official").shape == (3, 3, 32, 32)
 
 
 # --- your own videos: data files, training through bad files, evaluation by clip, fine-tuning ------------------------
@@ -1653,17 +1684,17 @@ def test_an_image_is_a_clip_of_one_repeated_frame(tmp_path, codec, ext, pix_fmt)
 
 def test_data_file_errors_name_the_line(tmp_path):
     (tmp_path / "ok.csv").write_text('video,caption,start,end\na.mp4,"a cat, sitting",,\nb.mp4,a dog,1.5,3\n')
-    kind, rows = tt.read_rows(tmp_path / "ok.csv")
+    kind, rows = tv.read_rows(tmp_path / "ok.csv")
     assert kind == "captions" and rows[0] == dict(video=str(tmp_path / "a.mp4"), caption="a cat, sitting", start=None, end=None)
     assert rows[1]["start"] == 1.5 and rows[1]["end"] == 3.0
-    assert tt.read_rows(tmp_path / "ok.csv", video_root="/videos")[1][0]["video"] == "/videos/a.mp4"
+    assert tv.read_rows(tmp_path / "ok.csv", video_root="/videos")[1][0]["video"] == "/videos/a.mp4"
     (tmp_path / "bom.csv").write_bytes("\ufeffvideo,caption\na.mp4,un café\n".encode("utf-8"))
-    assert tt.read_rows(tmp_path / "bom.csv")[1][0]["caption"] == "un café"  # a byte-order mark is fine
+    assert tv.read_rows(tmp_path / "bom.csv")[1][0]["caption"] == "un café"  # a byte-order mark is fine
     (tmp_path / "upper.JSONL").write_text('{"video": "a.mp4", "caption": "x"}\n')
-    assert tt.read_rows(tmp_path / "upper.JSONL")[1][0]["caption"] == "x"
-    kind, rows = tt.read_rows(write(tmp_path / "mc.csv", 'video,options,answer\na.mp4,"[""a cat"", ""a dog""]",1\n'))
+    assert tv.read_rows(tmp_path / "upper.JSONL")[1][0]["caption"] == "x"
+    kind, rows = tv.read_rows(write(tmp_path / "mc.csv", 'video,options,answer\na.mp4,"[""a cat"", ""a dog""]",1\n'))
     assert kind == "mc" and rows[0]["options"] == ["a cat", "a dog"] and rows[0]["answer"] == 1
-    kind, rows = tt.read_rows(write(tmp_path / "qa.jsonl", '{"video": "a.mp4", "question": "what is it?", "answer": "cat"}\n'))
+    kind, rows = tv.read_rows(write(tmp_path / "qa.jsonl", '{"video": "a.mp4", "question": "what is it?", "answer": "cat"}\n'))
     assert kind == "qa" and rows[0]["answer"] == "cat" and rows[0]["type"] == ""
     bad = {
         "nocaption.csv": ("video,caption\na.mp4,a cat\nb.mp4,\n", "nocaption.csv line 3: empty caption"),
@@ -1682,10 +1713,10 @@ def test_data_file_errors_name_the_line(tmp_path):
     }
     for name, (content, message) in bad.items():
         with pytest.raises(tt.BadInput, match=message):
-            tt.read_rows(write(tmp_path / name, content))
+            tv.read_rows(write(tmp_path / name, content))
     (tmp_path / "latin1.csv").write_bytes("video,caption\na.mp4,ok\nb.mp4,un caf\xe9\n".encode("latin-1"))
     with pytest.raises(tt.BadInput, match=r"latin1.csv line 3: not UTF-8 \(byte 0xe9\)"):
-        tt.read_rows(tmp_path / "latin1.csv")
+        tv.read_rows(tmp_path / "latin1.csv")
 
 
 def test_rows_are_columns_and_the_held_out_videos_follow_the_seeded_rule(tmp_path):
@@ -1694,7 +1725,7 @@ def test_rows_are_columns_and_the_held_out_videos_follow_the_seeded_rule(tmp_pat
     write(tmp_path / "big.csv", "video,caption,start,end\n" + "\n".join(lines) + "\n")
     gc.collect()
     objects = len(gc.get_objects())
-    kind, rows = tt.read_rows(tmp_path / "big.csv")
+    kind, rows = tv.read_rows(tmp_path / "big.csv")
     gc.collect()
     assert len(gc.get_objects()) - objects < 200  # no Python object a row
     text_bytes = sum(len(line) for line in lines)
@@ -1704,14 +1735,14 @@ def test_rows_are_columns_and_the_held_out_videos_follow_the_seeded_rule(tmp_pat
     assert rows[19_999] == dict(video=str(tmp_path / "v3999.mp4"), start=19_999 % 7, end=19_999 % 7 + 2.5,
                                 caption="caption number 19999 of the file")
     # without --val-data, the held-out videos: the sorted paths in a seeded shuffle, the first 5% of them
-    data = tt.read_data(tt.parse_options(["--data", str(tmp_path / "big.csv"), "--seed", "3"]))
+    data = tv.read_data(tt.parse_options(["--data", str(tmp_path / "big.csv"), "--seed", "3"], tv.VideoOptions))
     videos = sorted(str(tmp_path / f"v{i}.mp4") for i in range(4000))
     __import__("random").Random(3).shuffle(videos)
     assert {r["video"] for r in data["val"]} == set(videos[:200]) and len(data["val"]) == 1000
     assert len(data["train"]) == 19_000 and not {r["video"] for r in data["train"]} & set(videos[:200])
 
 
-def test_training_on_a_folder_with_bad_files_finishes_and_reports_them(tmp_path, capsys):
+def test_training_on_a_folder_with_bad_files_finishes_and_reports_them(tmp_path, capsys, main=tv.main):
     bad = make_bad_files(tmp_path)
     for i in range(8):
         make_video(tmp_path / f"clip{i}.mp4", n=12, w=40, h=32, codec="mpeg4")
@@ -1722,7 +1753,7 @@ def test_training_on_a_folder_with_bad_files_finishes_and_reports_them(tmp_path,
     argv = ["--data", str(tmp_path / "train.csv"), "--val-data", str(tmp_path / "val.csv"), "--preset", "nano",
             "--batch", "4", "--vtm-clips", "4", "--mlm-clips", "2", "--steps", "4", "--log-every", "1",
             "--workers", "1", "--max-bad-share", "0.6", "--out", str(tmp_path / "out"), "--device", "cpu"]
-    last = tt.train(tt.parse_options(argv))
+    last = train_videos(argv)
     out = capsys.readouterr().out
     assert out.count("warning: skipped") == len(set(out.split("warning: skipped")[1:]))  # each file once
     assert "corrupt.mp4" in out and last["skipped_clips"] >= 1 and last["step"] == 4
@@ -1730,23 +1761,23 @@ def test_training_on_a_folder_with_bad_files_finishes_and_reports_them(tmp_path,
     # too many failures stop the run with examples
     (tmp_path / "bad.csv").write_text("video,caption\n" + "\n".join(f"{n},x" for n in bad) + "\nclip0.mp4,ok\n")
     with pytest.raises(tt.BadInput, match="failed to load"):
-        tt.train(tt.parse_options(argv[:1] + [str(tmp_path / "bad.csv")] + argv[2:] + ["--max-bad-share", "0.1", "--restart"]))
+        train_videos(argv[:1] + [str(tmp_path / "bad.csv")] + argv[2:] + ["--max-bad-share", "0.1", "--restart"])
 
 
-def test_every_bad_file_is_named_once_when_nothing_loads(tmp_path, capsys):
+def test_every_bad_file_is_named_once_when_nothing_loads(tmp_path, capsys, main=tv.main):
     bad = make_bad_files(tmp_path)
     names = make_clips(tmp_path, 1)
     write(tmp_path / "bad.csv", "video,caption\n" + "\n".join(f"{n},x" for n in bad * 4) + "\n")
     write(tmp_path / "val.csv", f"video,caption\n{names[0]},a good clip\n")
     code, _, err = run_cli(["--data", str(tmp_path / "bad.csv"), "--val-data", str(tmp_path / "val.csv"), "--batch", "4",
                             "--vtm-clips", "2", "--mlm-clips", "0", "--workers", "0", "--out", str(tmp_path / "o"),
-                            "--device", "cpu"], capsys)
+                            "--device", "cpu"], capsys, main=tv.main)
     assert code == 1 and "failed to load" in err and "6 files in all" in err and "Traceback" not in err
     named = [name for name in bad if name in err]
     assert len(named) == 5 and all(err.count(name) == 1 for name in named)
 
 
-def test_held_out_clips_with_several_captions_are_evaluated_by_clip(tmp_path, capsys):
+def test_held_out_clips_with_several_captions_are_evaluated_by_clip(tmp_path, capsys, main=tv.main):
     names = make_clips(tmp_path, 6)
     train = [f"{v},clip {i} seen from the left" for i, v in enumerate(names[:4])]
     val = [f"{v},caption {k} of clip {i}" for i, v in enumerate(names[4:]) for k in range(3)]
@@ -1754,11 +1785,11 @@ def test_held_out_clips_with_several_captions_are_evaluated_by_clip(tmp_path, ca
     write(tmp_path / "val.csv", "video,caption\n" + "\n".join(val) + "\n")
     flags = ["--data", str(tmp_path / "train.csv"), "--batch", "4", "--vtm-clips", "4", "--mlm-clips", "2", "--steps", "2",
              "--log-every", "1", "--workers", "0", "--device", "cpu"]
-    last = tt.train(tt.parse_options(flags + ["--val-data", str(tmp_path / "val.csv"), "--out", str(tmp_path / "a")]))
+    last = train_videos(flags + ["--val-data", str(tmp_path / "val.csv"), "--out", str(tmp_path / "a")])
     assert last["clips"] == 2 and last["captions"] == 6 and "vtm_acc" in last
     # the same ranks by hand, from the checkpoint: caption i belongs to clip i // 3 (of 2), a clip to its 3 captions
     model, text = model_of(tmp_path / "a")
-    clips = torch.stack([tt.load_clip(tmp_path / v, model.cfg.frames, model.cfg.image_size) for v in names[4:]])
+    clips = torch.stack([tv.load_clip(tmp_path / v, model.cfg.frames, model.cfg.image_size) for v in names[4:]])
     with torch.no_grad():
         sim = cosine_similarity(model.text_proj(model.encode_text(*text([r.split(",")[1] for r in val])).text[:, 0]),
                                 model.video_proj(model.encode_video(clips).video[:, 0]))
@@ -1767,7 +1798,7 @@ def test_held_out_clips_with_several_captions_are_evaluated_by_clip(tmp_path, ca
         assert {k: last[k] for k in recall_metrics(ranks, direction)} == recall_metrics(ranks, direction)
     # one held-out clip: evaluated, with what needs two left out and said so; the step's checkpoint is on disk
     write(tmp_path / "one.csv", "video,caption\n" + "\n".join(val[:3]) + "\n")
-    last = tt.train(tt.parse_options(flags + ["--val-data", str(tmp_path / "one.csv"), "--out", str(tmp_path / "b")]))
+    last = train_videos(flags + ["--val-data", str(tmp_path / "one.csv"), "--out", str(tmp_path / "b")])
     out = capsys.readouterr().out
     assert last["clips"] == 1 and "vtm_acc" not in last and "t2v_r1" not in last and "retrieval left out" in out
     assert ckpt_of(tmp_path / "b")["step"] == 2
@@ -1777,31 +1808,31 @@ def test_held_out_clips_with_several_captions_are_evaluated_by_clip(tmp_path, ca
     write(tmp_path / "mc.jsonl", "\n".join(mc) + "\n")
     code, out, err = run_cli(["--eval-only", "--init", str(tmp_path / "a" / "ckpt.pt"), "--val-data",
                               str(tmp_path / "mc.jsonl"), "--out", str(tmp_path / "mc"), "--workers", "0",
-                              "--order-test"], capsys)
+                              "--order-test"], capsys, main=tv.main)
     assert code == 0, err
     row = json.loads((tmp_path / "mc" / "metrics.jsonl").read_text())
     assert {"mc_acc_reversed", "mc_acc_shuffled"} <= row.keys() and "t2v_r1_reversed" not in row  # no captions here
     with torch.no_grad():  # by hand: each clip with its 3 options, scored by the VTM match logit; the answer is 0
-        clips = torch.stack([tt.load_clip(tmp_path / v, model.cfg.frames, model.cfg.image_size) for v in names[:3]])
+        clips = torch.stack([tv.load_clip(tmp_path / v, model.cfg.frames, model.cfg.image_size) for v in names[:3]])
         ids, mask = text([o for line in mc for o in json.loads(line)["options"]])
         scores = model.score_options(clips, ids.view(3, 3, -1), mask.view(3, 3, -1))
     assert row["clips"] == 3 and row["mc_acc"] == strictly_best(scores, torch.zeros(3, dtype=torch.long)).float().mean().item()
     assert "mc_acc" in out
 
 
-def test_fine_tuning_on_your_files_multiple_choice_and_qa(tmp_path, capsys):
+def test_fine_tuning_on_your_files_multiple_choice_and_qa(tmp_path, capsys, main=tv.main):
     names = make_clips(tmp_path, 5)
     write(tmp_path / "cap.csv", "video,caption\n" + "\n".join(f"{v},clip {i}" for i, v in enumerate(names)) + "\n")
     flags = ["--batch", "4", "--vtm-clips", "2", "--mlm-clips", "0", "--steps", "2", "--log-every", "1", "--workers", "0",
              "--device", "cpu", "--eval-every", "2"]
     # --task qa on a file of captions: said plainly
-    code, _, err = run_cli(flags + ["--task", "qa", "--data", str(tmp_path / "cap.csv"), "--out", str(tmp_path / "x")], capsys)
+    code, _, err = run_cli(flags + ["--task", "qa", "--data", str(tmp_path / "cap.csv"), "--out", str(tmp_path / "x")], capsys, main=tv.main)
     assert code == 1 and "has caption rows; --task qa trains on rows with question and answer" in err
     qa = [f"{v},what is shown?,{'cat' if i % 2 else 'dog'},{'what'}" for i, v in enumerate(names[:4])]
     write(tmp_path / "qa.csv", "video,question,answer,type\n" + "\n".join(qa) + "\n")
     write(tmp_path / "qa_val.csv", f"video,question,answer,type\n{names[4]},what is shown?,bird,what\n{names[0]},what is it?,dog,what\n")
     code, out, err = run_cli(flags + ["--task", "qa", "--data", str(tmp_path / "qa.csv"), "--val-data", str(tmp_path / "qa_val.csv"),
-                                      "--out", str(tmp_path / "qa")], capsys)
+                                      "--out", str(tmp_path / "qa")], capsys, main=tv.main)
     assert code == 0, err
     ckpt = ckpt_of(tmp_path / "qa")
     assert ckpt["answers"] == ["cat", "dog"]  # as often each: in alphabetical order
@@ -1809,12 +1840,12 @@ def test_fine_tuning_on_your_files_multiple_choice_and_qa(tmp_path, capsys):
     assert row["qa_unknown_answers"] == 0.5 and row["qa_acc"] <= 0.5 and "qa_acc_what" in row
     # evaluating the fine-tuned checkpoint: task and answers come from it
     code, out, err = run_cli(["--eval-only", "--init", str(tmp_path / "qa" / "ckpt.pt"), "--task", "qa", "--val-data",
-                              str(tmp_path / "qa_val.csv"), "--out", str(tmp_path / "qa_eval"), "--workers", "0"], capsys)
+                              str(tmp_path / "qa_val.csv"), "--out", str(tmp_path / "qa_eval"), "--workers", "0"], capsys, main=tv.main)
     assert code == 0 and json.loads((tmp_path / "qa_eval" / "metrics.jsonl").read_text())["qa_acc"] == row["qa_acc"]
     mc = [json.dumps(dict(video=v, options=[f"clip {i}", f"clip {(i + 1) % 5}"], answer=i % 2)) for i, v in enumerate(names)]
     write(tmp_path / "mc.jsonl", "\n".join(mc) + "\n")
     code, out, err = run_cli(flags + ["--task", "mc", "--data", str(tmp_path / "mc.jsonl"), "--val-share", "0.4",
-                                      "--out", str(tmp_path / "mc")], capsys)
+                                      "--out", str(tmp_path / "mc")], capsys, main=tv.main)
     assert code == 0, err
     assert "mc_acc" in json.loads((tmp_path / "mc" / "metrics.jsonl").read_text()) and ckpt_of(tmp_path / "mc")["config"]["mc_head"]
 
@@ -1862,15 +1893,15 @@ def test_show_rolling_draws_our_checkpoints_and_an_official_one_on_a_video(tmp_p
     assert [[float(v) for v in r.split()] for r in none_rows] == [[float(i == j) for j in range(4)] for i in range(4)]
     ckpt, vocab = official_files(tmp_path, monkeypatch, official, ["a red ball rolls"])
     make_video(tmp_path / "v.mp4", n=20, w=80, h=60)
-    code = tt.run_script(rolling.main, [str(ckpt), "--vocab", str(vocab), "--video", str(tmp_path / "v.mp4"), "--caption",
+    code = script(rolling.main, [str(ckpt), "--vocab", str(vocab), "--video", str(tmp_path / "v.mp4"), "--caption",
                                         "a red ball rolls", "--word", "rolls", "--out", str(tmp_path / "o"), "--block", "1"])
     out = capsys.readouterr().out
     assert code is None and "block 1:" in out and "block 0:" not in out and (tmp_path / "o" / "rolling.png").exists()
     with pytest.raises(SystemExit, match="--word 'skates' is not in the caption"):
-        tt.run_script(rolling.main, [str(ckpt), "--vocab", str(vocab), "--video", str(tmp_path / "v.mp4"), "--caption",
+        script(rolling.main, [str(ckpt), "--vocab", str(vocab), "--video", str(tmp_path / "v.mp4"), "--caption",
                                      "a red ball rolls", "--word", "skates", "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="no such checkpoint"):
-        tt.run_script(rolling.main, [str(tmp_path / "nothing.pt"), "--out", str(tmp_path / "o")])
+        script(rolling.main, [str(tmp_path / "nothing.pt"), "--out", str(tmp_path / "o")])
 
 
 def test_score_video_with_our_checkpoint_and_an_official_one(tmp_path, monkeypatch, official, capsys):
@@ -1878,20 +1909,20 @@ def test_score_video_with_our_checkpoint_and_an_official_one(tmp_path, monkeypat
     tt.train(tt.parse_options(QUICK + ["--steps", "1", "--out", str(tmp_path / "run")]))
     video = make_video(tmp_path / "video.mp4", n=20, w=80, h=60)
     captions = ["a red circle moves left", "a blue square appears", "a green triangle moves up"]
-    model, text, preprocess, _ = tt.load_model(tmp_path / "run" / "ckpt.pt")
+    model, text, preprocess, _ = tv.load_model(tmp_path / "run" / "ckpt.pt")
     expected = score.scores(model, text, preprocess, video, captions)  # by the function, checked by hand below
-    clip = tt.load_clip(video, 4, 32)
+    clip = tv.load_clip(video, 4, 32)
     ids, mask = text(captions)
     with torch.no_grad():
         by_hand = model.match_score(model(torch.stack([clip] * 3), ids, mask).pooled)
     assert torch.allclose(expected, by_hand, atol=1e-6)
     capsys.readouterr()
-    tt.run_script(score.main, [str(video), *captions, "--ckpt", str(tmp_path / "run" / "ckpt.pt")])
+    script(score.main, [str(video), *captions, "--ckpt", str(tmp_path / "run" / "ckpt.pt")])
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(None, 1)[1] for line in lines] == [captions[i] for i in expected.argsort(descending=True)]
     assert [float(line.split()[0]) for line in lines] == [round(v, 2) for v in sorted(expected.tolist(), reverse=True)]
     ckpt, vocab = official_files(tmp_path, monkeypatch, official, ["a man plays the guitar", "a dog runs on a beach"])
-    tt.run_script(score.main, [str(video), "a man plays the guitar", "a dog runs on a beach", "--ckpt", str(ckpt),
+    script(score.main, [str(video), "a man plays the guitar", "a dog runs on a beach", "--ckpt", str(ckpt),
                                "--vocab", str(vocab)])
     assert len(capsys.readouterr().out.splitlines()) == 2
     for argv, message in [([str(tmp_path / "missing.mp4"), "x", "--ckpt", str(ckpt), "--vocab", str(vocab)],
@@ -1899,7 +1930,7 @@ def test_score_video_with_our_checkpoint_and_an_official_one(tmp_path, monkeypat
                           ([str(video), "x", "--ckpt", str(vocab)], "vocab.txt: not a file written by torch.save"),
                           ([str(video), "x", "--ckpt", str(ckpt)], "needs its BERT vocabulary, --vocab vocab.txt")]:
         with pytest.raises(SystemExit, match=message):
-            tt.run_script(score.main, argv)
+            script(score.main, argv)
 
 
 def test_search_videos_caches_embeddings_skips_bad_files_and_falls_back_without_projections(tmp_path, monkeypatch,
@@ -1914,7 +1945,7 @@ def test_search_videos_caches_embeddings_skips_bad_files_and_falls_back_without_
     ckpt = tmp_path / "run" / "ckpt.pt"
     argv = [str(folder), "a red circle moves left", "a blue square appears", "--ckpt", str(ckpt), "--top", "3"]
     embedded, reranking = [], []  # the files the video-only pass decodes (not the re-rank's joint passes)
-    real_load, real_match = search.tt.load_clip, search.match_scores
+    real_load, real_match = search.tv.load_clip, search.match_scores
 
     def load(path, *args, **kwargs):
         if not reranking:
@@ -1928,17 +1959,17 @@ def test_search_videos_caches_embeddings_skips_bad_files_and_falls_back_without_
         finally:
             reranking.clear()
 
-    monkeypatch.setattr(search.tt, "load_clip", load)
+    monkeypatch.setattr(search.tv, "load_clip", load)
     monkeypatch.setattr(search, "match_scores", match)
     capsys.readouterr()
-    tt.run_script(search.main, argv)
+    script(search.main, argv)
     out, err = capsys.readouterr()
     assert "6 videos" not in err and "5 videos: 5 embedded now, 0 from the cache; 1 skipped" in err and "broken.mp4" in err
     lines = out.splitlines()
     assert lines[0] == "a red circle moves left:" and len(lines) == 8 and lines[4] == "a blue square appears:"
     # the ranking: contrastive similarity picks the top 3, the match score orders them; by hand for the first query
-    model, text, preprocess, _ = tt.load_model(ckpt)
-    clips = torch.stack([tt.load_clip(p, 4, 32) for p in names])
+    model, text, preprocess, _ = tv.load_model(ckpt)
+    clips = torch.stack([tv.load_clip(p, 4, 32) for p in names])
     with torch.no_grad():
         sim = cosine_similarity(model.text_proj(model.encode_text(*text(["a red circle moves left"])).text[:, 0]),
                                 model.video_proj(model.encode_video(clips).video[:, 0]))[0]
@@ -1950,18 +1981,18 @@ def test_search_videos_caches_embeddings_skips_bad_files_and_falls_back_without_
     embedded.clear()
     make_video(names[2], n=12, w=40, h=32, codec="mpeg4")
     make_video(folder / "v9.mp4", n=12, w=40, h=32, codec="mpeg4")
-    tt.run_script(search.main, argv)
+    script(search.main, argv)
     err = capsys.readouterr().err
     assert "6 videos: 2 embedded now, 4 from the cache; 1 skipped" in err
     assert sorted(embedded) == ["broken.mp4", "v2.mp4", "v9.mp4"]  # the changed, the new, and the one that fails
     tt.train(tt.parse_options(QUICK + ["--steps", "1", "--seed", "1", "--out", str(tmp_path / "other")]))
     capsys.readouterr()
-    tt.run_script(search.main, [str(folder), "x", "--ckpt", str(tmp_path / "other" / "ckpt.pt")])
+    script(search.main, [str(folder), "x", "--ckpt", str(tmp_path / "other" / "ckpt.pt")])
     assert "6 videos: 6 embedded now, 0 from the cache" in capsys.readouterr().err
     # no contrastive projections: the joint pass over every video, said so
     state = {k: v for k, v in official["state_dict"].items() if not k.startswith(("txt_proj", "vid_proj"))}
     bare, vocab = official_files(tmp_path, monkeypatch, dict(official, state_dict=state), ["a red ball"])
-    tt.run_script(search.main, [str(folder), "a red ball", "--ckpt", str(bare), "--vocab", str(vocab), "--top", "2"])
+    script(search.main, [str(folder), "a red ball", "--ckpt", str(bare), "--vocab", str(vocab), "--top", "2"])
     out, err = capsys.readouterr()
     assert "no trained contrastive projections" in err and "6 passes for each query" in err
     assert [line.split()[2:4] for line in out.splitlines()[1:]] == [["contrastive", "-"]] * 2
@@ -1971,10 +2002,10 @@ def test_search_videos_caches_embeddings_skips_bad_files_and_falls_back_without_
                           ([str(tmp_path / "nowhere"), "x", "--ckpt", str(ckpt)], "nowhere: no such folder"),
                           ([str(folder), "x", "--ckpt", str(names[0])], "v0.mp4: not a file written by torch.save")]:
         with pytest.raises(SystemExit, match=message):
-            tt.run_script(search.main, argv)
+            script(search.main, argv)
     # a full disk for the cache: a warning, and the search still answers
     monkeypatch.setattr(tt.WhyNot, "write", lambda self, data: (_ for _ in ()).throw(OSError(28, "No space left on device")))
     make_video(folder / "v10.mp4", n=12, w=40, h=32, codec="mpeg4")
-    tt.run_script(search.main, argv[:2] + ["--ckpt", str(ckpt)])
+    script(search.main, argv[:2] + ["--ckpt", str(ckpt)])
     out, err = capsys.readouterr()
     assert "warning: cannot write" in err and "No space left on device: the embeddings are not kept" in err and out

@@ -1,56 +1,45 @@
 """
-Train All-in-One (allinone.py) in minutes: on synthetic clips by default, on your own videos with --data.
+Train All-in-One (allinone.py) in minutes on synthetic clips, evaluate it as papers report, fine-tune it.
 
     python train_tiny.py                              # pre-train on synthetic clips (README: how long, what it prints)
     python train_tiny.py --temporal none              # the rolling ablation: roll (paper) | none | flatten
     python train_tiny.py --ablation                   # all three modes at the same budget, one table
     python train_tiny.py --task qa --init out/tiny/ckpt.pt --out out/qa    # fine-tune: open-ended QA (or --task mc)
     python train_tiny.py --eval-only --resume         # evaluate out/tiny/ckpt.pt again
-    python train_tiny.py --data clips.csv --vocab vocab.txt --init all-in-one-base.ckpt
     torchrun --nproc_per_node=4 train_tiny.py ...     # the same loop on several GPUs (DDP)
 
+Your own videos: examples/train_videos.py, which hands its clips to the same loop.
 Read top to bottom: options, the synthetic world, tokens, the objectives, the synthetic data, the training loop
-(train), evaluation, and main, which runs it. Below the banner (=====) is the toolbox the run calls by name: option
-checks, start points, the run folder, devices, DDP, and the real-clip path (PyAV, data files).
+(train), evaluation, and main. Below the banner (=====) is what the run calls by name: option checks, start points,
+the run folder, devices, DDP.
 """
 
 import argparse
-import array
-import bisect
 import contextlib
-import copy
-import csv
-import ctypes
 import dataclasses
 import errno
-import io
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import tempfile
 import time
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import av
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from allinone import (
     HEADS, PRESETS, AllInOne, Config, contrastive_loss, cosine_similarity, first_hit_ranks, load_checkpoint, mlm_loss,
-    mlm_mask, recall_metrics, strictly_best, vtm_batch, vtm_loss,
+    mlm_mask, recall_metrics, strictly_best, vtm_loss,
 )
 
 # -----------------------------------------------------------------------------
@@ -81,7 +70,7 @@ class Options:
     init: str = option("", "start from a checkpoint: an official one (needs --vocab) or a train_tiny.py ckpt.pt")
     heads: int = option(0, "attention heads of an --init state dict whose width is not an official size")
     vocab: str = option("", "a BERT vocab.txt (default: a word-level vocabulary of the data)")
-    answers: int = option(0, "--task qa: the N most frequent training answers are the classes (0: every answer)")
+    preprocess: str = option("auto", "frames as: ours | official (auto: official for official checkpoints)")
     # how long and how fast
     steps: int = option(None, "train until this step (with --resume: continue to it)")
     horizon: int = option(None, "steps the learning-rate decay and the mismatch curriculum are laid out over")
@@ -108,21 +97,20 @@ class Options:
     restart: bool = option(False, "start over in an --out that holds a run: its files move to OUT/previous-<time>/")
     eval_only: bool = option(False, "evaluate the --resume or --init model, print a table, append to metrics.jsonl")
     ablation: bool = option(False, "train roll, none and flatten in turn and print a table")
-    samples: int = option(0, "write OUT/samples.png, and synthetic, this many clips as videos with data files; stop")
-    # your data
-    data: str = option("", "train on your clips: a CSV or JSON-lines file (README: Your own videos)")
-    val_data: str = option("", "held-out clips, or a multiple-choice file (default: --val-share of --data)")
-    val_share: float = option(0.05, "share of --data's videos held out when no --val-data")
-    video_root: str = option("", "folder the video paths are relative to (default: the data file's)")
-    preprocess: str = option("auto", "frames as: ours | official (auto: official for official checkpoints)")
-    workers: int = option(2, "DataLoader processes decoding clips (0: in the main process)")
-    max_bad_share: float = option(0.1, "stop when more than this share of clips fail to load")
     # the machine
     device: str = option("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
     precision: str = option("auto", "auto (a GPU: bf16, or fp16 where it has none; the CPU: fp32) | fp32 | bf16 | fp16")
     accum: int = option(1, "gradient accumulation: each step's batch in N micro-batches, for less memory")
     checkpointing: bool = option(False, "activation checkpointing of the blocks: less memory, more time")
     compile: bool = option(False, "torch.compile the training step")
+
+    def checks(self, need):  # the option checks of a subclass (examples/train_videos.py's): need(ok, message)
+        pass
+
+    # what --resume may change (nothing that changes the run's result), and also what --eval-only may
+    may_change_on_resume = {"steps", "log_every", "eval_every", "ckpt_every", "device", "compile", "checkpointing",
+                            "order_test", "out", "resume", "eval_only"}
+    may_change_to_evaluate = {"eval_clips"}
 
 
 # -----------------------------------------------------------------------------
@@ -217,8 +205,8 @@ def render(captions, frames, size, generator):
 SYNTHETIC_TEXTS = [caption_text(i) for i in range(len(CAPTIONS))] + list(QUESTIONS.values())  # its vocabulary
 
 
-class Text:
-    """Tokenizes texts to (ids, mask) of the batch's longest text, at most max_len tokens."""
+class Tokens:
+    """Texts to token ids: (ids, mask) of the batch's longest text, at most max_len tokens; and BERT's masking."""
 
     def __init__(self, tokenizer, max_len):
         self.tok, self.max_len, self.truncated = tokenizer, max_len, 0
@@ -334,8 +322,31 @@ def objective_for(opts, model):
     return Pretrain(model, opts.temperature)
 
 
+class GatherRows(torch.autograd.Function):
+    """Every process's rows, in rank order. Each process computes the same loss over all rows, so the gradient of its
+    own rows is the sum of what every process finds for them."""
+
+    @staticmethod
+    def forward(ctx, x):
+        rows = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(rows, x.contiguous())
+        return torch.cat(rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def gather(x):  # all processes' rows, with gradients (x itself without torchrun)
+    return GatherRows.apply(x) if dist.is_initialized() else x
+
+
 # -----------------------------------------------------------------------------
-# Synthetic data: training batches and held-out sets for each task
+# Synthetic data: training batches and held-out sets for each task. What the loop takes as data (examples/
+# train_videos.py's Clips is the other kind): made from the options, it gives the texts of a word-level vocabulary and
+# the QA answers; prepare() hands it the model's config and tokens; then batches(start) and held_out().
 
 
 class Synthetic:
@@ -344,15 +355,25 @@ class Synthetic:
     clips, which come first)."""
 
     shared = ("text_ids", "text_mask")  # the caption bank: every process sees all of it
+    skipped = None  # clips that failed to load: none here
 
-    def __init__(self, cfg, text, opts, preprocess, device, rank=0, world=1):
-        self.cfg, self.text, self.opts, self.preprocess, self.device = cfg, text, opts, preprocess, device
-        self.rank, self.world, self.skipped = rank, world, None
-        self.bank_ids, self.bank_mask = text([caption_text(i) for i in range(len(CAPTIONS))])
-        self.question_ids, self.question_mask = text(list(QUESTIONS.values()))
+    def __init__(self, opts, rank=0, world=1):
+        self.opts, self.rank, self.world = opts, rank, world
         self.time_variants = torch.tensor([time_variants(i) for i in range(len(CAPTIONS))])  # (72, 6)
         self.looks_variants = torch.tensor([looks_variants(i) for i in range(len(CAPTIONS))])  # (72, 5)
         self.answers = torch.tensor([[ANSWERS.index(answer_to(i, q)) for q in QUESTIONS] for i in range(len(CAPTIONS))])
+
+    def texts(self):
+        return SYNTHETIC_TEXTS
+
+    def answer_vocabulary(self):
+        return list(ANSWERS)
+
+    def prepare(self, opts, cfg, tokens, preprocess, answers, device):
+        self.opts, self.cfg, self.tokens, self.preprocess, self.device = opts, cfg, tokens, preprocess, device
+        self.bank_ids, self.bank_mask = tokens([caption_text(i) for i in range(len(CAPTIONS))])
+        self.question_ids, self.question_mask = tokens(list(QUESTIONS.values()))
+        return self
 
     def batches(self, start):
         for step in range(start, self.opts.steps):
@@ -387,7 +408,7 @@ class Synthetic:
                      text_ids=self.bank_ids, text_mask=self.bank_mask, bank_targets=captions)
         if opts.mlm_clips:  # the MLM pass: the first clips' own captions, masked
             ids, mask = self.bank_ids[captions[: opts.mlm_clips]], self.bank_mask[captions[: opts.mlm_clips]]
-            batch["mlm_ids"], batch["mlm_labels"] = self.text.mask_words(ids, mask, self.cfg.vocab_size, g)
+            batch["mlm_ids"], batch["mlm_labels"] = self.tokens.mask_words(ids, mask, self.cfg.vocab_size, g)
             batch["mlm_mask"] = mask
         return batch
 
@@ -441,24 +462,25 @@ class Synthetic:
 
 
 # -----------------------------------------------------------------------------
-# The training loop: one for every task
+# The training loop: one for every task, on synthetic clips or (examples/train_videos.py) your own
 
 
-def train(opts):
-    """Pre-train or fine-tune as the options say; returns the last evaluation's metrics (None on other processes)."""
+def train(opts, Data=Synthetic):
+    """Pre-train or fine-tune as the options say, on Data's clips; returns the last evaluation's metrics (None on the
+    other processes under torchrun)."""
     rank, world = start_processes(opts)  # under torchrun: one process per GPU
     device = pick_device(opts.device)
     autocast, scaler = mixed_precision(device, opts.precision)  # bf16, fp16 with a loss scaler, or fp32
     say = print if rank == 0 else lambda *args, **kwargs: None
     with RunFolder(opts, main=rank == 0) as folder:
-        opts, model, data, ckpt = setup(opts, device, rank, world)
+        opts, model, data, ckpt = setup(opts, device, Data, rank, world)
         check_divides(opts, world)
         objective = objective_for(opts, model)
-        heads = [h for h in objective.trains if h != "mlm_head" or opts.mlm_clips]  # the heads this task trains
-        ckpt.untrained = sorted(set(ckpt.untrained) - set(heads))
+        trained = [h for h in objective.trains if h != "mlm_head" or opts.mlm_clips]  # the heads this task trains
+        ckpt.untrained = sorted(set(ckpt.untrained) - set(trained))
         if ckpt.untrained:
             say(f"heads this run does not train, never trained before: {', '.join(ckpt.untrained)}")
-        optimizer, params = make_optimizer(model, heads, opts, device)  # the other heads are frozen
+        optimizer, params = make_optimizer(model, trained, opts, device)  # the other heads are frozen
         if ckpt.optimizer:  # resuming: the optimizer, the loss scaler and the random state as they were saved
             optimizer.load_state_dict(ckpt.optimizer)
             scaler.load_state_dict(ckpt.scaler)
@@ -478,7 +500,6 @@ def train(opts):
                     group["lr"] = lr_at(step, opts) * group["lr_mult"]
                 bad = torch.zeros((), dtype=torch.bool, device=device)
                 for i, micro in enumerate(micro_batches(batch, opts.accum, data.shared)):  # --accum N: N slices
-                    flops = flops or count_flops(objective, micro, device) / len(micro["video"])
                     with autocast, grad_sync(step_fn, i == opts.accum - 1):  # DDP syncs the last one's gradients
                         out = step_fn(micro)
                     scaler.scale(out["loss"] / opts.accum).backward()
@@ -503,12 +524,15 @@ def train(opts):
                 if evaluating or step % opts.ckpt_every == 0:  # before evaluating: a crash there loses nothing
                     with clock.paused():
                         save_checkpoint(folder, ckpt, model, optimizer, scaler, step, first_bad)
-                if evaluating and rank == 0:
+                if evaluating:
                     with clock.paused():
-                        metrics = evaluate(model, held, data.text, autocast, ckpt.preprocess, ckpt.untrained,
-                                           order_test=opts.order_test)
-                    last = report(folder, opts, model.cfg, step, metrics, data, clips_per_s=(step - start) * opts.batch
-                                  / clock.training(), wall_s=clock.wall(), flops_per_clip=flops)
+                        flops = flops or count_flops(objective, micro, autocast) / len(micro["video"])
+                        if rank == 0:
+                            metrics = evaluate(model, held, data.tokens, autocast, ckpt.preprocess, ckpt.untrained,
+                                               order_test=opts.order_test, chunk=opts.batch // opts.accum)
+                    if rank == 0:
+                        last = report(folder, opts, model.cfg, step, metrics, data, clips_per_s=(step - start) * opts.batch
+                                      / clock.training(), wall_s=clock.wall(), flops_per_clip=flops)
         except KeyboardInterrupt:
             save_checkpoint(folder, ckpt, model, optimizer, scaler, step, first_bad)
             say(f"\ninterrupted at step {step}: saved {folder.ckpt}; --resume continues")
@@ -522,6 +546,51 @@ def lr_at(step, opts):
         return opts.lr * (step + 1) / opts.warmup
     progress = min(1.0, (step - opts.warmup) / max(1, opts.horizon - opts.warmup))
     return opts.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def micro_batches(batch, n, shared=()):
+    """--accum n: this process's batch as n micro-batches, micro-batch j the clips j, j + n, ... (so each keeps its
+    share of the VTM and MLM clips, which come first; the keys in shared, the caption bank, go to each whole). Each
+    micro-batch's MLM loss is weighted (mlm_share) by its share of the masked words of the whole step over every
+    process, so that the losses, averaged over micro-batches and processes, are the MLM loss of the whole batch."""
+    total = (batch["mlm_labels"] != -100).sum() if "mlm_labels" in batch else None
+    if total is not None and dist.is_initialized():
+        dist.all_reduce(total)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    for j in range(n):
+        micro = {k: v if k in shared else v[j::n] for k, v in batch.items()}
+        if total is not None:
+            micro["mlm_share"] = (micro["mlm_labels"] != -100).sum() * n * world / total.clamp(min=1)
+        yield micro
+
+
+def grad_sync(step_fn, sync):
+    """Under DDP, backward averages the gradients over the processes: only where sync (a step's last micro-batch)."""
+    ddp = getattr(step_fn, "_orig_mod", step_fn)  # under --compile, the compiled module's
+    if sync or not isinstance(ddp, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return ddp.no_sync()
+
+
+def log_line(step, opts, totals, steps, clips_per_s, skipped):
+    """step | loss (its parts) | learning rate | speed | time left, from the sums of the last `steps` steps."""
+    mean = {k: v.item() / steps for k, v in totals.items()}
+    parts = " ".join(f"{k} {v:.3f}" for k, v in mean.items() if k != "loss")
+    return (f"step {step:5d}/{opts.steps} | loss {mean['loss']:.3f} ({parts}) | lr {lr_at(step - 1, opts):.1e} | "
+            f"{clips_per_s:.0f} clips/s | ETA {(opts.steps - step) * opts.batch / clips_per_s / 60:.1f} min"
+            + (f" | skipped {skipped.count} clips" if skipped else ""))
+
+
+def stop_if_not_finite(first_bad, folder, model=None, step=None):
+    """Stop the run, before a checkpoint or a number is written, at the first non-finite loss (first_bad: its step,
+    -1 for none) or weight: the last good checkpoint stays."""
+    bad = int(first_bad)
+    if bad < 0 and model is not None and not all(torch.isfinite(p).all() for p in model.parameters()):
+        bad = step
+    if bad >= 0:
+        kept = f"{folder.ckpt} is from before it" if folder.ckpt.exists() else "no checkpoint was written"
+        raise BadInput(f"step {bad}: the loss or the weights are not finite (NaN or inf): stopped; {kept}. "
+                       "A smaller --lr, or a larger --temperature, may help")
 
 
 # -----------------------------------------------------------------------------
@@ -571,16 +640,16 @@ class HeldOut:
 
 
 @torch.no_grad()
-def evaluate(model, held, text, autocast, preprocess, untrained=(), progress=False, order_test=False):
+def evaluate(model, held, tokens, autocast, preprocess, untrained=(), progress=False, order_test=False, chunk=256):
     """Held-out metrics (README: what the metrics mean) and notes on the metrics left out and why. order_test: the
     main metrics again with each clip's frames reversed, then shuffled (t2v_r1_reversed, ...)."""
     training, untrained, notes = model.training, set(untrained), []
     model.eval()
-    p = Passes(model, held.video, autocast, preprocess, progress)
-    metrics = {"clips": len(held.video), **metrics_of(p, held, text, untrained, notes)}
+    p = Passes(model, held.video, autocast, preprocess, progress, chunk)
+    metrics = {"clips": len(held.video), **metrics_of(p, held, tokens, untrained, notes)}
     if order_test:
         for name, order in frame_orders(p.frames).items():
-            again = metrics_of(p.reordered(order), held, text, untrained, [])
+            again = metrics_of(p.reordered(order), held, tokens, untrained, [])
             metrics.update({f"{k}_{name}": v for k, v in again.items() if k in ORDER_TEST})
     model.train(training)
     return metrics, notes
@@ -589,27 +658,30 @@ def evaluate(model, held, text, autocast, preprocess, untrained=(), progress=Fal
 ORDER_TEST = ("t2v_r1", "v2t_r1", "vtm_acc", "mc_acc", "qa_acc")  # what --order-test reports again
 
 
-def metrics_of(p, held, text, untrained, notes):
-    metrics = {}
-    if held.captions is not None:
-        metrics["captions"] = len(held.captions.ids)
-        metrics.update(vtm_metrics(p, held.captions, untrained, notes))
-        metrics.update(mlm_metrics(p, held.captions, text, untrained, notes))
-        metrics.update(retrieval(p, held.captions, untrained, notes))
-    for name, choices in held.choices.items():
-        metrics.update(choice_metrics(p, name, choices, untrained, notes))
+def metrics_of(p, held, tokens, untrained, notes):
+    """Every metric the held-out set has data for, but those scored by a head that was never trained (noted)."""
+    scorer = "mc_head" if p.model.cfg.mc_head else "vtm_head"  # multiple choice: zero-shot, the VTM match logit
+    c, metrics, kinds = held.captions, {}, []  # kinds: (name, the heads it scores with, its function)
+    if c is not None:
+        metrics["captions"] = len(c.ids)
+        kinds += [("vtm_acc", {"vtm_head"}, lambda: vtm_metrics(p, c, notes)),
+                  ("mlm_acc", {"mlm_head"}, lambda: mlm_metrics(p, c, tokens, notes)),
+                  ("retrieval", {"text_proj", "video_proj"}, lambda: retrieval(p, c, notes))]
+    kinds += [(name, {scorer}, lambda name=name, s=s: choice_metrics(p, name, s)) for name, s in held.choices.items()]
     if held.questions is not None:
-        metrics.update(qa_metrics(p, held.questions, untrained, notes))
+        kinds.append(("qa_acc", {"qa_head"}, lambda: qa_metrics(p, held.questions)))
+    for name, heads, compute in kinds:
+        if heads & untrained:
+            notes.append(f"{name} left out: {' and '.join(sorted(heads & untrained))} never trained (chance numbers)")
+        else:
+            metrics.update(compute())
     return metrics
 
 
-def vtm_metrics(p, c, untrained, notes):
+def vtm_metrics(p, c, notes):
     """vtm_acc: each clip with one of its captions (right: "match") and with a caption of another clip that is another
     text ("no match"); synthetic, vtm_acc_temporal: the wrong caption is its own with the time words swapped."""
     other = (c.label[None] != c.clip_label[:, None]) & (c.text[None] != c.text[c.first][:, None])  # (clips, captions)
-    if "vtm_head" in untrained:
-        notes.append("vtm_acc left out: the VTM head was never trained")
-        return {}
     if not other.any():
         notes.append("vtm_acc left out: it needs a caption of another held-out clip, with another text")
         return {}
@@ -655,14 +727,11 @@ def order_test(p, c, own, swapped):
     return metrics
 
 
-def mlm_metrics(p, c, text, untrained, notes):
+def mlm_metrics(p, c, tokens, notes):
     """mlm_acc: BERT masking of each clip's caption with a fixed seed; right where the true word scores above all."""
     ids, mask = c.ids[c.first], c.mask[c.first]
-    masked, labels = text.mask_words(ids, mask, p.model.cfg.vocab_size, torch.Generator().manual_seed(2))
+    masked, labels = tokens.mask_words(ids, mask, p.model.cfg.vocab_size, torch.Generator().manual_seed(2))
     picked = labels != -100
-    if "mlm_head" in untrained:
-        notes.append("mlm_acc left out: the MLM head was never trained")
-        return {}
     if not picked.any():
         notes.append("mlm_acc left out: no held-out caption has a word to mask")
         return {}
@@ -672,13 +741,9 @@ def mlm_metrics(p, c, text, untrained, notes):
     return dict(mlm_acc=right.mean().item())
 
 
-def retrieval(p, c, untrained, notes):
+def retrieval(p, c, notes):
     """Dual-stream retrieval, as MSR-VTT reports it: text-only against video-only features, by cosine similarity;
     a caption's hit is its clip (synthetic: any clip of its caption), a clip's hit any of its captions."""
-    if untrained & {"text_proj", "video_proj"}:
-        notes.append("retrieval left out: the contrastive projections were never trained (the checkpoint has none), "
-                     "so its numbers would be chance")
-        return {}
     if len(p.video) < 2:
         notes.append("retrieval left out: it needs two held-out clips")
         return {}
@@ -691,23 +756,16 @@ def retrieval(p, c, untrained, notes):
     return {**recall_metrics(t2v, "t2v"), **recall_metrics(v2t, "v2t")}
 
 
-def choice_metrics(p, name, choices, untrained, notes):
+def choice_metrics(p, name, choices):
     """Multiple choice: the right option must score above every other (mc_head, or zero-shot the VTM match logit)."""
-    scorer = "mc_head" if p.model.cfg.mc_head else "vtm_head"
-    if scorer in untrained:
-        notes.append(f"{name} left out: the multiple-choice scorer ({scorer}) was never trained")
-        return {}
     k, dev = choices.ids.shape[1], p.device
     scores = p.run("options", len(choices.ids), lambda s: p.model.score_options(
         p.clips(choices.clip[s]), choices.ids[s].to(dev), choices.mask[s].to(dev)), chunk=max(1, p.chunk // k))
     return {name: strictly_best(scores, choices.answer).float().mean().item()}
 
 
-def qa_metrics(p, q, untrained, notes):
+def qa_metrics(p, q):
     """qa_acc overall and per question type; an answer outside the vocabulary counts as wrong."""
-    if not p.model.cfg.num_answers or "qa_head" in untrained:
-        notes.append("qa_acc left out: the model has no trained QA head")
-        return {}
     logits = p.joint("QA", q.clip, q.ids, q.mask, lambda out, s: p.model.qa_head(out.pooled))
     right = (strictly_best(logits, q.answer.clamp(min=0)) & (q.answer >= 0)).float()
     metrics = dict(qa_acc=right.mean().item())
@@ -718,45 +776,140 @@ def qa_metrics(p, q, untrained, notes):
     return metrics
 
 
+class Passes:
+    """The model's passes over held-out clips: in chunks, under autocast, gathered on the CPU in float32."""
+
+    def __init__(self, model, video, autocast, preprocess, progress=False, chunk=256, order=None):
+        self.model, self.video, self.autocast, self.preprocess = model, video, autocast, preprocess
+        self.progress, self.chunk, self.order, self.device = progress, chunk, order, next(model.parameters()).device
+        self.frames = video.shape[1]
+
+    def reordered(self, order):  # the same passes with every clip's frames in this order
+        return Passes(self.model, self.video, self.autocast, self.preprocess, self.progress, self.chunk, order)
+
+    def run(self, what, n, fn, chunk=None):  # fn(slice) over the chunks of range(n), concatenated
+        chunk, meter, out = chunk or self.chunk, Progress(f"eval {what}", n, self.progress), []
+        for s in range(0, n, chunk):
+            with self.autocast:
+                out.append(fn(slice(s, s + chunk)).float().cpu())
+            meter(min(chunk, n - s))
+        return torch.cat(out)
+
+    def clips(self, index):  # model input for the clips at index: (len, t, 3, H, W), frames in self.order
+        video = self.video[index] if self.order is None else self.video[index][:, self.order]
+        return normalize(video.to(self.device), self.preprocess)
+
+    def joint(self, what, clip, ids, mask, head):  # head(Output, slice) of the joint pass of each (clip[i], ids[i])
+        return self.run(what, len(ids), lambda s: head(
+            self.model(self.clips(clip[s]), ids[s].to(self.device), mask[s].to(self.device)), s))
+
+
+def frame_orders(t):
+    """The orders of the order test: the frames reversed, and (from 3 frames) a fixed shuffle that is neither the
+    identity nor the reversal."""
+    orders, g = {"reversed": torch.arange(t - 1, -1, -1)}, torch.Generator().manual_seed(0)
+    while t >= 3 and "shuffled" not in orders:
+        order = torch.randperm(t, generator=g)
+        if not (torch.equal(order, torch.arange(t)) or torch.equal(order, orders["reversed"])):
+            orders["shuffled"] = order
+    return orders
+
+
+def report(folder, opts, cfg, step, evaluated, data, **extra):
+    """An evaluation: its notes and metrics printed, its row added to OUT/metrics.jsonl, and returned."""
+    metrics, notes = evaluated
+    for note in notes:
+        print(f"note: {note}")
+    row = dict(step=step, task=opts.task, temporal=cfg.temporal, **metrics, **extra)
+    if data.skipped:
+        row.update(skipped_clips=data.skipped.count, truncated_captions=data.tokens.truncated)
+    append_line(folder.path / "metrics.jsonl", json.dumps(row))
+    if opts.eval_only:
+        print("\n".join(f"{k:>22}  {v:.4f}" if isinstance(v, float) else f"{k:>22}  {v}" for k, v in row.items()))
+    else:
+        print("eval " + " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+              flush=True)
+    return row
+
+
+# -----------------------------------------------------------------------------
+# main: a training run, --eval-only or --ablation
+
+
 def main(argv=None):
     opts = parse_options(argv)  # a bad option: argparse's one-line error
-    warnings.filterwarnings("once")
-    try:
-        if opts.samples:
-            write_samples(opts)
-        elif opts.eval_only:
-            evaluate_only(opts)
-        elif opts.ablation:
-            ablation(opts)
-        else:
-            train(opts)
-    except BadInput as e:  # bad input: one line naming the flag, the file or the row, and exit status 1
-        sys.exit(f"error: {e}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    with one_line_errors():
+        run(opts, Synthetic)
+
+
+def run(opts, Data):
+    if opts.eval_only:
+        return evaluate_only(opts, Data)
+    return ablation(opts, Data) if opts.ablation else train(opts, Data)
+
+
+def evaluate_only(opts, Data=Synthetic):
+    """--eval-only: the --resume or --init model on the held-out set, printed as a table and added to metrics.jsonl."""
+    if int(os.environ.get("RANK", 0)):  # under torchrun, one process evaluates
+        return None
+    device = pick_device(opts.device)
+    with RunFolder(opts) as folder:
+        opts, model, data, ckpt = setup(opts, device, Data)
+        print(summary(opts, model, device, 1, ckpt.step if opts.resume else None, folder))
+        metrics = evaluate(model, data.held_out(), data.tokens, mixed_precision(device, opts.precision)[0],
+                           ckpt.preprocess, ckpt.untrained, progress=True, order_test=opts.order_test,
+                           chunk=opts.batch // opts.accum)
+        return report(folder, opts, model.cfg, ckpt.step, metrics, data, eval_only=True,
+                      checkpoint=str(folder.ckpt if opts.resume else opts.init))
+
+
+def ablation(opts, Data=Synthetic):
+    """--ablation: --temporal roll, none and flatten with the same options and budget, then one table."""
+    rows = []
+    for mode in ("roll", "none", "flatten"):
+        print(f"\n=== --temporal {mode} ===")
+        rows.append(train(dataclasses.replace(opts, temporal=mode, out=str(Path(opts.out) / mode)), Data))
+    if None in rows:  # under torchrun, the other processes: they evaluate nothing
+        return rows
+    keys = ["vtm_acc", "vtm_acc_temporal", "order_flip", "mc_acc", "mlm_acc", "t2v_r1", "t2v_r5", "v2t_r1", "clips_per_s",
+            "flops_per_clip", "wall_s"]
+    keys = [k for k in keys if all(k in r for r in rows)]
+    print(f"\n{'temporal':10}" + "".join(f"{k:>17}" for k in keys))
+    for r in rows:
+        print(f"{r['temporal']:10}" + "".join(f"{r[k] / 1e6:>13.1f} MFL" if k == "flops_per_clip" else f"{r[k]:17.3f}"
+                                              for k in keys))
+    return rows
 
 
 # =====================================================================================================================
-# The toolbox: what the run above calls by name; a reader of the method need not go further. Option checks and the
-# resume rules; the other entry points; start points and set-up; checkpoints and the run folder; devices, precision
-# and memory; FLOP counting; several processes (DDP); then the real-clip path (PyAV, data files).
+# What the run above calls by name; a reader of the method need not go further. Option checks and the resume rules;
+# start points and set-up; checkpoints and the run folder; devices, precision and time; FLOP counting; DDP.
 
 
 class BadInput(ValueError):
     """Bad input: the message names the flag, the file or the line; the command line prints it alone and exits 1."""
 
 
+@contextlib.contextmanager
+def one_line_errors():
+    """A command line's body: bad input is one line and exit status 1, no traceback."""
+    warnings.filterwarnings("once")
+    try:
+        yield
+    except BadInput as e:
+        sys.exit(f"error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 # --- options: parsing, checks, and what a resumed run may change
 
-MAY_CHANGE_ON_RESUME = {"steps", "log_every", "eval_every", "ckpt_every", "workers", "device", "compile", "checkpointing",
-                        "order_test", "out", "resume", "eval_only"}  # nothing that changes the run's result
-MAY_CHANGE_TO_EVALUATE = {"val_data", "eval_clips", "video_root"}  # with --eval-only: what to evaluate on
 
-
-def parse_options(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Options):
+def parse_options(argv=None, Opts=Options):
+    p = argparse.ArgumentParser(description=sys.modules[Opts.__module__].__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Opts):
         flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if f.type is bool:
             p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help)
@@ -765,7 +918,7 @@ def parse_options(argv=None):
             p.add_argument(flag, type=f.type, default=argparse.SUPPRESS,
                            help=help if f.default == "" else f"{help} (default: {default})")
     given = vars(p.parse_args(argv))  # only the flags on the command line
-    opts = Options(**given)
+    opts = Opts(**given)
     if opts.resume:
         opts = resumed_options(p, opts, given)
     else:
@@ -787,15 +940,18 @@ def resumed_options(p, opts, given):
         p.error(f"--resume: {e}")
     if not isinstance(saved, dict) or not isinstance(saved.get("options"), dict):
         p.error(f"--resume: {path} is not a train_tiny.py checkpoint")
-    fields = {f.name for f in dataclasses.fields(Options)}
+    fields = {f.name for f in dataclasses.fields(opts)}
+    if saved["options"].get("data") and "data" not in fields:
+        p.error(f"--resume: the run in {opts.out} trained on --data {saved['options']['data']}: resume it with "
+                "examples/train_videos.py")
     saved = {k: v for k, v in saved["options"].items() if k in fields}
-    free = MAY_CHANGE_ON_RESUME | (MAY_CHANGE_TO_EVALUATE if opts.eval_only else set())
+    free = opts.may_change_on_resume | (opts.may_change_to_evaluate if opts.eval_only else set())
     for name, value in given.items():
         if name not in free and name in saved and value != saved[name]:
             p.error(f"--{name.replace('_', '-')} {value!r} differs from the checkpoint's {saved[name]!r} ({path}): a "
                     f"resumed run keeps its options; only "
                     f"{', '.join('--' + n.replace('_', '-') for n in sorted(free - {'resume', 'out'}))} may change")
-    return Options(**{**saved, **{k: v for k, v in given.items() if k in free}, "restart": False})
+    return type(opts)(**{**saved, **{k: v for k, v in given.items() if k in free}, "restart": False})
 
 
 def trained_task(path):
@@ -806,193 +962,55 @@ def trained_task(path):
         return "pretrain"
 
 
-def check_options(p, opts):
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def finite(x):
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def check_options(p, o):
+    """Every check is one line naming the flag: argparse's error, exit status 2."""
     def need(ok, message):
         if not ok:
             p.error(message)
 
-    def finite(x):
-        return isinstance(x, (int, float)) and math.isfinite(x)
-
-    def flag(name):
-        return "--" + name.replace("_", "-")
-
-    o = opts
-    need(o.task in TASKS, f"--task must be pretrain, mc or qa, not {o.task!r}")
-    need(o.temporal in ("", "roll", "none", "flatten"), f"--temporal must be roll, none or flatten, not {o.temporal!r}")
-    need(o.preprocess in ("auto", "ours", "official"), f"--preprocess must be auto, ours or official, not {o.preprocess!r}")
-    need(o.device in ("auto", "cuda", "mps", "cpu"), f"--device must be auto, cuda, mps or cpu, not {o.device!r}")
-    need(o.precision in ("auto", "fp32", "bf16", "fp16"), f"--precision must be auto, fp32, bf16 or fp16, not {o.precision!r}")
+    for name, allowed in (("task", TASKS), ("temporal", ("", "roll", "none", "flatten")),
+                          ("preprocess", ("auto", "ours", "official")), ("device", ("auto", "cuda", "mps", "cpu")),
+                          ("precision", ("auto", "fp32", "bf16", "fp16"))):
+        words = [a for a in allowed if a]
+        need(getattr(o, name) in allowed, f"{flag(name)} must be {', '.join(words[:-1])} or {words[-1]}, not "
+                                          f"{getattr(o, name)!r}")
     for name in ("steps", "horizon", "log_every", "eval_every", "ckpt_every", "eval_clips", "accum"):
         need(getattr(o, name) >= 1, f"{flag(name)} must be at least 1, got {getattr(o, name)}")
-    for name in ("warmup", "workers", "frames", "image_size", "heads", "answers", "samples", "fold_div"):
+    for name in ("warmup", "frames", "image_size", "heads", "fold_div"):
         need(getattr(o, name) >= 0, f"{flag(name)} must be 0 or more, got {getattr(o, name)}")
     need(o.batch >= 2, "--batch must be at least 2 (VTM and multiple choice need two clips)")
     need(2 <= o.vtm_clips <= o.batch, "--vtm-clips must be between 2 and --batch")
     need(0 <= o.mlm_clips <= o.batch, "--mlm-clips must be between 0 and --batch")
-    need(finite(o.lr) and o.lr > 0, f"--lr must be a positive number, got {o.lr}")
+    for name in ("lr", "clip_grad", "temperature"):
+        need(finite(getattr(o, name)) and getattr(o, name) > 0, f"{flag(name)} must be a positive number, got "
+                                                                f"{getattr(o, name)}")
     need(finite(o.weight_decay) and o.weight_decay >= 0, f"--weight-decay must be 0 or more, got {o.weight_decay}")
-    need(finite(o.clip_grad) and o.clip_grad > 0, f"--clip-grad must be a positive number, got {o.clip_grad}")
-    need(finite(o.temperature) and o.temperature > 0, f"--temperature must be a positive number, got {o.temperature}")
     need(finite(o.dropout) and 0 <= o.dropout < 1, f"--dropout must be in [0, 1), got {o.dropout}")
-    for name in ("curriculum", "temporal_negatives", "max_bad_share"):
+    for name in ("curriculum", "temporal_negatives"):
         need(finite(getattr(o, name)) and 0 <= getattr(o, name) <= 1,
              f"{flag(name)} must be between 0 and 1, got {getattr(o, name)}")
-    need(finite(o.val_share) and 0 < o.val_share < 1, f"--val-share must be between 0 and 1, got {o.val_share}")
-    for name in ("data", "val_data", "vocab", "init"):
-        path = getattr(o, name)
-        need(not path or Path(path).is_file(), f"{flag(name)} {path}: no such file")
+    for name in ("vocab", "init"):
+        need(not getattr(o, name) or Path(getattr(o, name)).is_file(), f"{flag(name)} {getattr(o, name)}: no such file")
     need(not (o.image_size and o.init), "--image-size is for runs from scratch; an --init checkpoint fixes the size")
     need(not (o.ablation and (o.resume or o.eval_only)), "--ablation starts three fresh runs")
     need(not (o.resume and o.restart), "--resume continues the run in --out; --restart starts it over: not both")
     need(not o.eval_only or o.resume or o.init, "--eval-only needs a model: --resume (the run in --out) or --init")
+    o.checks(need)
 
 
 def check_divides(opts, world):
     for name in ("batch", "vtm_clips", "mlm_clips"):
         if getattr(opts, name) % (world * opts.accum):
-            raise BadInput(f"--{name.replace('_', '-')} {getattr(opts, name)} does not divide among {world} process(es)"
-                           f" x --accum {opts.accum} micro-batches")
-
-
-# --- the other entry points: --eval-only, --ablation, --samples
-
-
-def evaluate_only(opts):
-    """--eval-only: the --resume or --init model on the held-out set, printed as a table and added to metrics.jsonl."""
-    if int(os.environ.get("RANK", 0)):  # under torchrun, one process evaluates
-        return None
-    device = pick_device(opts.device)
-    with RunFolder(opts) as folder:
-        opts, model, data, ckpt = setup(opts, device)
-        print(summary(opts, model, device, 1, ckpt.step if opts.resume else None, folder))
-        metrics = evaluate(model, data.held_out(), data.text, mixed_precision(device, opts.precision)[0], ckpt.preprocess,
-                           ckpt.untrained, progress=True, order_test=opts.order_test)
-        return report(folder, opts, model.cfg, ckpt.step, metrics, data, eval_only=True,
-                      checkpoint=str(folder.ckpt if opts.resume else opts.init))
-
-
-def ablation(opts):
-    """--ablation: --temporal roll, none and flatten with the same options and budget, then one table."""
-    rows = []
-    for mode in ("roll", "none", "flatten"):
-        print(f"\n=== --temporal {mode} ===")
-        rows.append(train(dataclasses.replace(opts, temporal=mode, out=str(Path(opts.out) / mode))))
-    keys = ["vtm_acc", "vtm_acc_temporal", "order_flip", "mc_acc", "mlm_acc", "t2v_r1", "t2v_r5", "v2t_r1", "clips_per_s",
-            "flops_per_clip", "wall_s"]
-    print(f"\n{'temporal':10}" + "".join(f"{k:>17}" for k in keys))
-    for r in rows:
-        print(f"{r['temporal']:10}" + "".join(f"{r[k] / 1e6:>13.1f} MFL" if k == "flops_per_clip" else f"{r[k]:17.3f}"
-                                              for k in keys))
-    return rows
-
-
-def write_samples(opts):
-    """--samples N: a PNG strip of training clips (at most 72, a clip a row) and their captions; synthetic, also the
-    synthetic world as files: N new clips as lossless videos, a caption file, a multiple-choice file and a QA file."""
-    opts, model, data, ckpt = setup(opts, torch.device("cpu"))
-    out = Path(opts.out)
-    make_folder(out)
-    if isinstance(data, Synthetic):
-        g = torch.Generator().manual_seed(opts.seed)
-        captions = torch.randint(len(CAPTIONS), (min(opts.samples, 72),), generator=g).tolist()
-        video, texts = render(captions, data.cfg.frames, data.cfg.image_size, g), [caption_text(c) for c in captions]
-    else:
-        video, texts = data.samples(min(opts.samples, 72))
-    write_file(out / "samples.png", lambda f: write_png(f, video))
-    write_file(out / "samples.txt", lambda f: f.write(("\n".join(texts) + "\n").encode()))
-    print(f"wrote {out / 'samples.png'} and {out / 'samples.txt'}")
-    if isinstance(data, Synthetic):
-        write_world(out, *new_clips(data.cfg, opts.samples, opts.seed), seed=opts.seed)
-
-
-def new_clips(cfg, n, seed=0):
-    """n new renders, as uint8 (n, t, 3, H, W), clip k of caption k mod 72 (so 72 hold every caption once), from a
-    seed no training batch or held-out set uses: (captions, video)."""
-    captions = torch.arange(n) % len(CAPTIONS)
-    video = render(captions.tolist(), cfg.frames, cfg.image_size, torch.Generator().manual_seed(20_000_003 + seed))
-    return captions, (video * 255).round().to(torch.uint8)
-
-
-def write_world(out, captions, video, seed=0, fps=4):
-    """The clips as OUT/clips/clipNNNNN.mp4 (H.264 in RGB, lossless: every pixel decodes as rendered) and the data
-    files that go with them: captions.csv (video, caption), mc.jsonl (its 6 time variants as options, the answer
-    among them) and qa.csv (the three questions)."""
-    make_folder(out / "clips")
-    g, names = torch.Generator().manual_seed(seed), []
-    for k, clip in enumerate(video):
-        names.append(f"clips/clip{k:05d}.mp4")
-        write_file(out / names[-1], lambda f: write_video(f, clip, fps))
-    rows = [(name, int(c)) for name, c in zip(names, captions)]
-    table = io.StringIO()
-    csv.writer(table, lineterminator="\n").writerows([("video", "caption")] + [(v, caption_text(c)) for v, c in rows])
-    write_file(out / "captions.csv", lambda f: f.write(table.getvalue().encode()))
-    mc = []
-    for v, c in rows:
-        options = [time_variants(c)[i] for i in torch.randperm(6, generator=g)]
-        mc.append(json.dumps(dict(video=v, options=[caption_text(o) for o in options], answer=options.index(c))))
-    write_file(out / "mc.jsonl", lambda f: f.write(("\n".join(mc) + "\n").encode()))
-    table = io.StringIO()
-    csv.writer(table, lineterminator="\n").writerows([("video", "question", "answer", "type")] + [
-        (v, question, answer_to(c, kind), kind) for v, c in rows for kind, question in QUESTIONS.items()])
-    write_file(out / "qa.csv", lambda f: f.write(table.getvalue().encode()))
-    print(f"wrote {len(rows)} clips to {out / 'clips'}, and {out / 'captions.csv'}, {out / 'mc.jsonl'}, {out / 'qa.csv'}")
-
-
-def write_video(file, clip, fps):
-    """uint8 (t, 3, H, W) as an MP4 file of RGB H.264 at quantiser 0: lossless (ffmpeg and VLC play it; some players
-    cannot show RGB H.264)."""
-    with av.open(file, "w", format="mp4") as out:
-        stream = out.add_stream("libx264rgb", rate=fps, options={"qp": "0"})
-        stream.width, stream.height, stream.pix_fmt = clip.shape[-1], clip.shape[-2], "rgb24"
-        for frame in clip.permute(0, 2, 3, 1).numpy():
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
-        out.mux(stream.encode())
-
-
-def write_png(file, video):
-    """video (k, t, 3, H, W) in [0, 1] as one PNG: a clip a row, frames left to right, a white line after each."""
-    video = F.pad(video, (0, 1), value=1.0)
-    img = (rearrange(video, "k t c h w -> (k h) (t w) c") * 255).round().clamp(0, 255).byte()
-    write_image(file, img.repeat_interleave(4, 0).repeat_interleave(4, 1).numpy())  # 4x larger, so the pixels show
-
-
-def write_image(file, img):
-    """A uint8 (H, W, 3) array as PNG, with PyAV's encoder, to an open binary file (write_file gives one)."""
-    with av.open(file, "w", format="image2pipe") as out:
-        stream = out.add_stream("png")
-        stream.width, stream.height, stream.pix_fmt = img.shape[1], img.shape[0], "rgb24"
-        for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")):
-            out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-
-
-# --- for the scripts in examples/
-
-
-def load_model(path, vocab=""):
-    """Any checkpoint, ours or official (with its BERT vocab.txt), for the example scripts: (the model in eval mode,
-    its Text, its frame preprocessing, the heads it never trained). Bad files are a BadInput naming them."""
-    opts = Options(init=str(path), vocab=str(vocab or ""), **TASK_DEFAULTS["pretrain"])
-    if not Path(path).is_file():
-        raise BadInput(f"{path}: no such checkpoint")
-    try:
-        start = read_start_point(opts)
-    except BadInput as e:  # the scripts have no --init
-        raise BadInput(str(e).removeprefix("--init: ").replace("--init ", "")) from None
-    tokenizer = start.tokenizer if start.ours else make_tokenizer(opts.vocab, [])
-    model, untrained, _ = build_model(opts, start, tokenizer.get_vocab_size(), 0)
-    return model.eval(), Text(tokenizer, model.cfg.max_text_len), preprocess_for(opts, start), untrained
-
-
-def run_script(main, argv=None):
-    """An example script's main(argv), with bad input as one line and exit status 1, as train_tiny.py's."""
-    warnings.filterwarnings("once")
-    try:
-        main(argv)
-    except BadInput as e:
-        sys.exit(f"error: {e}")
+            raise BadInput(f"{flag(name)} {getattr(opts, name)} does not divide among {world} process(es) x --accum "
+                           f"{opts.accum} micro-batches")
 
 
 # --- start points and set-up: from scratch, an official checkpoint, --init of ours, --resume
@@ -1007,23 +1025,21 @@ class StartPoint:
     tokenizer: Optional[Tokenizer] = None  # ours: the run's tokenizer
 
 
-def setup(opts, device, rank=0, world=1):
+def setup(opts, device, Data=Synthetic, rank=0, world=1):
     """What a run is made of: (opts with what the model settled, the model on the device, the data, and what the
     checkpoint holds: the resumed run's, or new)."""
-    if device.type == "cpu":
-        keep_freed_memory()
     torch.manual_seed(opts.seed)
     start = read_start_point(opts)
-    rows = read_data(opts) if opts.data or opts.val_data else None
+    data = Data(opts, rank, world)  # your own videos: their data files are read here
     ours = start is not None and start.ours
-    tokenizer = start.tokenizer if ours else make_tokenizer(opts.vocab, texts_of(rows["train"], rows["val"]) if rows else SYNTHETIC_TEXTS)
-    answers = answer_vocabulary(opts, start, rows)
-    model, untrained, opts = build_model(opts, start, tokenizer.get_vocab_size(), len(answers))
-    text, preprocess = Text(tokenizer, model.cfg.max_text_len), preprocess_for(opts, start)
-    if rows:
-        data = Clips(rows, model.cfg, text, opts, preprocess, answers, device, rank, world)
+    tokenizer = start.tokenizer if ours else make_tokenizer(opts.vocab, data.texts())
+    if ours and start.checkpoint.get("answers"):  # the QA classes: a start point's own, else the data's
+        answers = list(start.checkpoint["answers"])
     else:
-        data = Synthetic(model.cfg, text, opts, preprocess, device, rank, world)
+        answers = data.answer_vocabulary() if opts.task == "qa" else []
+    model, untrained, opts = build_model(opts, start, tokenizer.get_vocab_size(), len(answers))
+    preprocess = preprocess_for(opts, start)
+    data.prepare(opts, model.cfg, Tokens(tokenizer, model.cfg.max_text_len), preprocess, answers, device)
     resumed = start.checkpoint if start and start.resume else {}
     ckpt = Checkpoint(config=dataclasses.asdict(model.cfg), options=dataclasses.asdict(opts),
                       tokenizer=tokenizer.to_str(), preprocess=preprocess, answers=answers, untrained=sorted(untrained),
@@ -1060,28 +1076,10 @@ def preprocess_for(opts, start):
     return start.checkpoint.get("preprocess", "ours") if start.ours else "official"
 
 
-def answer_vocabulary(opts, start, rows):
-    """The QA classes: a start point's own, else every training answer (or the --answers N most frequent, ties in
-    alphabetical order); [] without a QA task."""
-    if start is not None and start.ours and start.checkpoint.get("answers"):
-        return list(start.checkpoint["answers"])
-    if opts.task != "qa":
-        return []
-    if rows is None:
-        return list(ANSWERS)
-    counts = Counter(r["answer"] for r in rows["train"])
-    ranked = sorted(counts, key=lambda a: (-counts[a], a))
-    return ranked[: opts.answers] if opts.answers else ranked
-
-
 def build_model(opts, start, vocab_size, num_answers):
     """The model a run trains: a preset from scratch, or a start point's, with the task's head. Returns (model, the
     heads it holds that were never trained, opts with the model's temporal, fold_div and frames)."""
-    task_head = {}
-    if opts.task == "mc":
-        task_head["mc_head"] = True
-    if opts.task == "qa":
-        task_head["num_answers"] = num_answers
+    task_head = dict(mc_head=True) if opts.task == "mc" else dict(num_answers=num_answers) if opts.task == "qa" else {}
     try:
         if start is not None and start.resume:
             model = AllInOne(Config(**{**start.checkpoint["config"], "checkpointing": opts.checkpointing}))
@@ -1156,29 +1154,20 @@ def read_vocab(path):
     return vocab
 
 
-def make_optimizer(model, heads, opts, device):
-    """AdamW over the backbone and the task's heads (the other heads are frozen, so DDP finds a gradient for every
-    parameter it syncs). As the official code: no weight decay on biases and LayerNorm weights, the QA head at 10x
-    the learning rate (group["lr_mult"]). Returns (optimizer, the parameters it trains)."""
+def make_optimizer(model, trained, opts, device):
+    """AdamW over the backbone and the heads this task trains (the other heads are frozen, so DDP finds a gradient for
+    every parameter it syncs). As the official code: no weight decay on biases and LayerNorm weights, the QA head at
+    10x the learning rate (group["lr_mult"]). Returns (optimizer, the parameters it trains)."""
     groups = {}
     for name, p in model.named_parameters():
         head = name.split(".")[0]
-        p.requires_grad_(head not in HEADS or head in heads)
+        p.requires_grad_(head not in HEADS or head in trained)
         if p.requires_grad:
             groups.setdefault((p.ndim >= 2, 10.0 if head == "qa_head" else 1.0), []).append(p)
     optimizer = torch.optim.AdamW([dict(params=ps, weight_decay=opts.weight_decay if decay else 0.0, lr_mult=mult)
                                    for (decay, mult), ps in groups.items()],
                                   lr=opts.lr, betas=(0.9, 0.98), fused=device.type in ("cuda", "cpu"))
     return optimizer, [p for ps in groups.values() for p in ps]
-
-
-def log_line(step, opts, totals, steps, clips_per_s, skipped):
-    """step | loss (its parts) | learning rate | speed | time left, from the sums of the last `steps` steps."""
-    mean = {k: v.item() / steps for k, v in totals.items()}
-    parts = " ".join(f"{k} {v:.3f}" for k, v in mean.items() if k != "loss")
-    return (f"step {step:5d}/{opts.steps} | loss {mean['loss']:.3f} ({parts}) | lr {lr_at(step - 1, opts):.1e} | "
-            f"{clips_per_s:.0f} clips/s | ETA {(opts.steps - step) * opts.batch / clips_per_s / 60:.1f} min"
-            + (f" | skipped {skipped.count} clips" if skipped else ""))
 
 
 def summary(opts, model, device, world, resumed_at, folder):
@@ -1222,35 +1211,6 @@ def save_checkpoint(folder, ckpt, model, optimizer, scaler, step, first_bad):
                     if folder.ckpt.exists() else "no checkpoint of this run was written")
             raise BadInput(f"step {step}: {e}; {kept}") from None
         folder.saved = step
-
-
-def stop_if_not_finite(first_bad, folder, model=None, step=None):
-    """Stop the run, before a checkpoint or a number is written, at the first non-finite loss (first_bad: its step,
-    -1 for none) or weight: the last good checkpoint stays."""
-    bad = int(first_bad)
-    if bad < 0 and model is not None and not all(torch.isfinite(p).all() for p in model.parameters()):
-        bad = step
-    if bad >= 0:
-        kept = f"{folder.ckpt} is from before it" if folder.ckpt.exists() else "no checkpoint was written"
-        raise BadInput(f"step {bad}: the loss or the weights are not finite (NaN or inf): stopped; {kept}. "
-                       "A smaller --lr, or a larger --temperature, may help")
-
-
-def report(folder, opts, cfg, step, evaluated, data, **extra):
-    """An evaluation: its notes and metrics printed, its row added to OUT/metrics.jsonl, and returned."""
-    metrics, notes = evaluated
-    for note in notes:
-        print(f"note: {note}")
-    row = dict(step=step, task=opts.task, temporal=cfg.temporal, **metrics, **extra)
-    if data.skipped:
-        row.update(skipped_clips=data.skipped.count, truncated_captions=data.text.truncated)
-    append_line(folder.path / "metrics.jsonl", json.dumps(row))
-    if opts.eval_only:
-        print("\n".join(f"{k:>22}  {v:.4f}" if isinstance(v, float) else f"{k:>22}  {v}" for k, v in row.items()))
-    else:
-        print("eval " + " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
-              flush=True)
-    return row
 
 
 class RunFolder:
@@ -1392,49 +1352,7 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# --- evaluation's passes over the held-out clips
-
-
-class Passes:
-    """The model's passes over held-out clips: in chunks, under autocast, gathered on the CPU in float32."""
-
-    def __init__(self, model, video, autocast, preprocess, progress=False, chunk=256, order=None):
-        self.model, self.video, self.autocast, self.preprocess = model, video, autocast, preprocess
-        self.progress, self.chunk, self.order, self.device = progress, chunk, order, next(model.parameters()).device
-        self.frames = video.shape[1]
-
-    def reordered(self, order):  # the same passes with every clip's frames in this order
-        return Passes(self.model, self.video, self.autocast, self.preprocess, self.progress, self.chunk, order)
-
-    def run(self, what, n, fn, chunk=None):  # fn(slice) over the chunks of range(n), concatenated
-        chunk, meter, out = chunk or self.chunk, Progress(f"eval {what}", n, self.progress), []
-        for s in range(0, n, chunk):
-            with self.autocast:
-                out.append(fn(slice(s, s + chunk)).float().cpu())
-            meter(min(chunk, n - s))
-        return torch.cat(out)
-
-    def clips(self, index):  # model input for the clips at index: (len, t, 3, H, W), frames in self.order
-        video = self.video[index] if self.order is None else self.video[index][:, self.order]
-        return normalize(video.to(self.device), self.preprocess)
-
-    def joint(self, what, clip, ids, mask, head):  # head(Output, slice) of the joint pass of each (clip[i], ids[i])
-        return self.run(what, len(ids), lambda s: head(
-            self.model(self.clips(clip[s]), ids[s].to(self.device), mask[s].to(self.device)), s))
-
-
-def frame_orders(t):
-    """The orders of the order test: the frames reversed, and (from 3 frames) a fixed shuffle that is neither the
-    identity nor the reversal."""
-    orders, g = {"reversed": torch.arange(t - 1, -1, -1)}, torch.Generator().manual_seed(0)
-    while t >= 3 and "shuffled" not in orders:
-        order = torch.randperm(t, generator=g)
-        if not (torch.equal(order, torch.arange(t)) or torch.equal(order, orders["reversed"])):
-            orders["shuffled"] = order
-    return orders
-
-
-# --- devices, precision, memory, time
+# --- devices, precision, time
 
 
 def pick_device(name):
@@ -1459,18 +1377,6 @@ def mixed_precision(device, precision="auto"):
                                                              and not torch.cuda.is_bf16_supported()):
         raise BadInput(f"--precision {precision}: this torch build cannot autocast to {dtype} on {device.type}")
     return torch.autocast(device.type, dtype=dtype), torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-
-def keep_freed_memory():
-    """On Linux, glibc's allocator hands big freed blocks back to the system and takes them again on the next step,
-    faulting every page in (benchmarks/README.md). Keep them, as the jemalloc that PyTorch's CPU tuning guide
-    suggests would. Elsewhere, nothing."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MB (glibc's most) come from the heap ...
-    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: ... which keeps up to 1 GB of freed memory
 
 
 def sync(device):  # wait for the device, so that a clock reading means what it says
@@ -1525,20 +1431,24 @@ class Progress:
 
 
 def flop_counter():
-    """torch's FLOP counter, taught the CPU attention kernels it does not count by itself (torch 2.13)."""
-    aten = torch.ops.aten
-    return FlopCounterMode(display=False, custom_mapping={
-        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
-        aten._scaled_dot_product_flash_attention_for_cpu_backward:
-            lambda g, q, k, v, *_, **__: sdpa_backward_flop_count(g, q, k, v),
-    })
+    """torch's FLOP counter, taught the CPU and MPS attention kernels it does not count by itself (torch 2.13)."""
+    aten, mapping = torch.ops.aten, {}
+    for name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_attention_math_for_mps"):
+        if hasattr(aten, name):
+            mapping[getattr(aten, name)] = lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v)
+        if hasattr(aten, name + "_backward"):
+            mapping[getattr(aten, name + "_backward")] = lambda g, q, k, v, *_, **__: sdpa_backward_flop_count(g, q, k, v)
+    return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
-def count_flops(objective, batch, device):
-    """FLOPs of one forward and backward on the batch; the gradients are thrown away and the random state is left
-    as it was, so that the run goes on as if this had not happened."""
+def count_flops(objective, batch, autocast):
+    """FLOPs of one forward and backward on the batch, under the run's autocast; the gradients are thrown away and the
+    random state is left as it was, so that the run goes on as if this had not happened."""
+    device = next(objective.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), flop_counter() as counter:
-        objective(batch)["loss"].backward()
+        with autocast:
+            loss = objective(batch)["loss"]
+        loss.backward()
     objective.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
@@ -1564,591 +1474,6 @@ def distributed(objective, world, compile):
     if world > 1:
         objective = nn.parallel.DistributedDataParallel(objective, find_unused_parameters=False)
     return torch.compile(objective) if compile else objective
-
-
-class GatherRows(torch.autograd.Function):
-    """Every process's rows, in rank order. Each process computes the same loss over all rows, so the gradient of its
-    own rows is the sum of what every process finds for them."""
-
-    @staticmethod
-    def forward(ctx, x):
-        rows = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(rows, x.contiguous())
-        return torch.cat(rows)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad.chunk(dist.get_world_size())[dist.get_rank()]
-
-
-def gather(x):  # all processes' rows, with gradients (x itself without torchrun)
-    return GatherRows.apply(x) if dist.is_initialized() else x
-
-
-def micro_batches(batch, n, shared=()):
-    """--accum n: this process's batch as n micro-batches, micro-batch j the clips j, j + n, ... (so each keeps its
-    share of the VTM and MLM clips, which come first; the keys in shared, the caption bank, go to each whole). Each
-    micro-batch's MLM loss is weighted (mlm_share) by its share of the masked words of the whole step over every
-    process, so that the losses, averaged over micro-batches and processes, are the MLM loss of the whole batch."""
-    total = (batch["mlm_labels"] != -100).sum() if "mlm_labels" in batch else None
-    if total is not None and dist.is_initialized():
-        dist.all_reduce(total)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    for j in range(n):
-        micro = {k: v if k in shared else v[j::n] for k, v in batch.items()}
-        if total is not None:
-            micro["mlm_share"] = (micro["mlm_labels"] != -100).sum() * n * world / total.clamp(min=1)
-        yield micro
-
-
-def grad_sync(step_fn, sync):
-    """Under DDP, backward averages the gradients over the processes: only where sync (a step's last micro-batch)."""
-    ddp = getattr(step_fn, "_orig_mod", step_fn)  # under --compile, the compiled module's
-    if sync or not isinstance(ddp, nn.parallel.DistributedDataParallel):
-        return contextlib.nullcontext()
-    return ddp.no_sync()
-
-
-# --- real clips (--data, --val-data): frames sampled as in the paper's code, decoded with PyAV by seeking to the
-# keyframe before each; data files; a dataset and a distributed sampler. The synthetic run uses none of this.
-
-
-class ClipError(BadInput):
-    """A clip that cannot be loaded; the message names the file and the reason."""
-
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # an image is a clip of one repeated frame
-SQUASH, ZOOM = 512, 1.2  # official frames: squashed to 512x512, resized to 1.2 x size, then cropped to size
-
-
-def segment_frames(n, num_frames, train=False, generator=None):
-    """Split n frames into num_frames equal segments, segment k = floor(k n / T) .. floor((k+1) n / T) - 1, and take
-    each one's middle frame (evaluation) or a random one (training). With n < T some segments are empty and take
-    their first frame, so frames repeat in order."""
-    picks = []
-    for k in range(num_frames):
-        lo = k * n // num_frames
-        hi = max(lo, (k + 1) * n // num_frames - 1)
-        picks.append(int(torch.randint(lo, hi + 1, (1,), generator=generator)) if train else (lo + hi) // 2)
-    return picks
-
-
-def frame_table(container, stream):
-    """Presentation times of all frames and of the keyframes, from the packets alone (no decoding)."""
-    pts, keys, packets = [], [], 0
-    for packet in container.demux(stream):
-        if packet.size == 0 and packet.pts is None:  # the demuxer's closing flush packet
-            continue
-        packets += 1
-        if packet.pts is not None and not packet.is_discard:
-            pts.append(packet.pts)
-            if packet.is_keyframe:
-                keys.append(packet.pts)
-    if stream.frames and packets < stream.frames:  # a cut file whose index (at the front) promises more
-        raise ClipError(f"truncated ({packets} of {stream.frames} frames)")
-    return sorted(pts), sorted(keys) or sorted(pts)[:1]
-
-
-def decode_at(container, stream, wanted, keys):
-    """Frames shown at the sorted times `wanted`: seek to the keyframe before one, decode forward to it, and seek
-    again only to jump over a keyframe. A demuxer that seeks by decode time (MPEG-TS) can land a keyframe late:
-    then the keyframe before, then the start of the file."""
-    found, frames, last = {}, None, None
-    for p in wanted:
-        i = max(bisect.bisect_right(keys, p) - 1, 0)
-        if frames is None or last.pts < keys[i]:
-            for key in keys[max(i - 1, 0): i + 1][::-1] + [-(2**40)]:
-                container.seek(key, stream=stream, backward=True, any_frame=False)
-                frames = container.decode(stream)
-                last = next(frames, None)
-                if last is not None and last.pts <= p:
-                    break
-        while last is None or last.pts < p:
-            last = next(frames, None)
-            if last is None:
-                raise ClipError(f"no frame decoded at pts {p}")
-        found[p] = last
-    return found
-
-
-def to_rgb(frame, size, crop, preprocess):
-    """A decoded frame as uint8 (size, size, 3), turned upright as its rotation metadata says (decord, which the
-    official code reads with, does too). ours: the shorter side resized to size (PyAV, in C), cropped at relative
-    offsets crop (0.5, 0.5 = the centre). official: squashed to 512x512 (bilinear, as decord), resized to 1.2 x size
-    as Pillow's bilinear filter does (the official transform's), then cropped (its centre crop rounds as it does)."""
-    quarter = round(frame.rotation / 90) % 4  # counter-clockwise quarter turns that make it upright
-    w, h = (frame.height, frame.width) if quarter % 2 else (frame.width, frame.height)  # as shown
-    if preprocess == "official":
-        w = h = int(ZOOM * size)
-        img = np.rot90(frame.reformat(width=SQUASH, height=SQUASH, format="rgb24").to_ndarray(), quarter)
-        img = resize_like_pillow(np.ascontiguousarray(img), w)
-        y, x = (int(round((w - size) / 2)),) * 2 if crop is None else (int(c * (w - size + 1)) for c in crop)
-        return img[y: y + size, x: x + size]
-    scale = size / min(w, h)
-    w, h = max(size, round(w * scale)), max(size, round(h * scale))
-    stored_w, stored_h = (h, w) if quarter % 2 else (w, h)
-    img = np.rot90(frame.reformat(width=stored_w, height=stored_h, format="rgb24").to_ndarray(), quarter)
-    y, x = (int(c * (s - size + 1)) for c, s in zip(crop or (0.5, 0.5), (h, w)))
-    return img[y: y + size, x: x + size]
-
-
-def resize_like_pillow(img, size):
-    """uint8 (n, n, 3) -> (size, size, 3) as Pillow's Image.resize(BILINEAR): a triangle filter widened by the scale
-    when shrinking, weights in 22-bit fixed point, rows first and rounded to uint8 before the columns."""
-    weights = pillow_weights(img.shape[0], size)  # (size, n) int64
-    rows = np.clip((np.einsum("ox,yxc->yoc", weights, img.astype(np.int64)) + (1 << 21)) >> 22, 0, 255)
-    return np.clip((np.einsum("oy,yxc->oxc", weights, rows) + (1 << 21)) >> 22, 0, 255).astype(np.uint8)
-
-
-def pillow_weights(n_in, n_out):
-    """The weights of Pillow's bilinear resampling from n_in to n_out pixels (its precompute_coeffs), fixed point."""
-    scale = n_in / n_out
-    support = max(scale, 1.0)  # the triangle's half-width, widened when shrinking
-    out = np.zeros((n_out, n_in))
-    for o in range(n_out):
-        centre = (o + 0.5) * scale
-        lo, hi = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), n_in)
-        w = np.maximum(0.0, 1 - np.abs((np.arange(lo, hi) - centre + 0.5) / support))
-        out[o, lo:hi] = w / w.sum()
-    return np.trunc(out * (1 << 22) + 0.5).astype(np.int64)  # C's (int)(0.5 + w * 2^22), all w >= 0
-
-
-def read_clip(path, num_frames, size, train=False, start=None, end=None, generator=None, preprocess="ours"):
-    """num_frames frames of a video as uint8 (num_frames, 3, size, size), picked among the frames whose time (seconds
-    from the first frame) lies in [start, end). Training picks random frames of each segment and a random crop (from
-    generator); evaluation the segment middles and the centre. An image file is one frame, repeated. Raises ClipError."""
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise ClipError("no video stream")
-            stream = container.streams.video[0]
-            crop = torch.rand(2, generator=generator).tolist() if train else None
-            if Path(path).suffix.lower() in IMAGE_SUFFIXES:
-                frame = next(container.decode(stream), None)
-                if frame is None:
-                    raise ClipError("no image decoded")
-                clip = np.stack([to_rgb(frame, size, crop, preprocess)] * num_frames)
-            else:
-                if torch.utils.data.get_worker_info() is None:  # slice threads: no frame delay after each seek
-                    stream.codec_context.thread_type = "SLICE"
-                else:  # one thread in each DataLoader worker, so that workers do not oversubscribe the CPU
-                    stream.codec_context.thread_count = 1
-                pts, keys = frame_table(container, stream)
-                first = pts[0] if pts else 0
-                lo = first + (start or 0) / stream.time_base
-                hi = math.inf if end is None else first + end / stream.time_base
-                pts = [p for p in pts if lo <= p < hi]
-                if not pts:
-                    raise ClipError("no video frames" + ("" if start is None and end is None else f" in [{start}, {end}) s"))
-                wanted = [pts[i] for i in segment_frames(len(pts), num_frames, train, generator)]
-                frames = decode_at(container, stream, sorted(set(wanted)), keys)
-                clip = np.stack([to_rgb(frames[p], size, crop, preprocess) for p in wanted])
-    except ClipError as e:
-        raise ClipError(f"cannot load {path}: {e}") from None
-    except (av.error.FFmpegError, OSError, ValueError, EOFError) as e:
-        raise ClipError(f"cannot load {path}: {getattr(e, 'strerror', None) or e}") from None
-    return torch.from_numpy(clip).permute(0, 3, 1, 2).contiguous()
-
-
-def load_clip(path, num_frames, size, train=False, start=None, end=None, generator=None, preprocess="ours"):
-    """A clip as the model takes it: float32 (num_frames, 3, size, size), normalised. preprocess: "ours" (the shorter
-    side resized to size, [-1, 1]) or "official" (the official pipeline: squash, resize, crop, ImageNet's mean and
-    std). Raises ClipError."""
-    return normalize(read_clip(path, num_frames, size, train, start, end, generator, preprocess), preprocess)
-
-
-# --- data files
-
-KINDS = {"captions": "caption", "mc": "options and answer", "qa": "question and answer"}  # kind -> its columns
-TASK_KIND = {"pretrain": "captions", "mc": "mc", "qa": "qa"}
-
-
-def read_rows(path, video_root=""):
-    """(kind, Rows) of a data file: a CSV with a header, or JSON lines (.jsonl or .json, any case), in UTF-8 with or
-    without a byte-order mark. Every row has `video` (relative to video_root, else to the file's folder) and
-    optional `start` / `end` (seconds); the kind follows the columns: `caption` (pre-training, retrieval), `options`
-    (a JSON list) and `answer` (its index: multiple choice), or `question`, `answer` and optional `type` (QA). A bad
-    row is an error naming the file and its line. The file is read a line at a time, into columns."""
-    path = Path(path)
-    if path.suffix.lower() in (".jsonl", ".json"):
-        records = ((n, json_row(path, n, line)) for n, line in enumerate(text_lines(path), 1) if line.strip())
-    else:
-        reader = csv.reader(text_lines(path))
-        header = next(reader, [])
-        records = ((reader.line_num, dict(zip(header, values))) for values in reader)
-    rows = None
-    for n, record in records:
-        if rows is None:  # the first row's columns say what kind of file it is
-            keys = record if isinstance(record, dict) else {}
-            rows = Rows("mc" if "options" in keys else "qa" if "question" in keys else "captions",
-                        Path(video_root) if video_root else path.parent)
-        rows.append(parse_row(record, rows.kind, f"{path} line {n}"))
-    if rows is None:
-        raise BadInput(f"{path}: no rows")
-    return rows.kind, rows.done()
-
-
-def text_lines(path):
-    """The lines of a UTF-8 file (a byte-order mark is fine); a line that is not UTF-8 is an error naming it."""
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                yield (raw.removeprefix(b"\xef\xbb\xbf") if n == 1 else raw).decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise BadInput(f"{path} line {n}: not UTF-8 (byte {raw[e.start]:#04x}); save the file as UTF-8") from None
-
-
-def json_row(path, n, line):
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as e:
-        raise BadInput(f"{path} line {n}: not JSON ({e.msg}); the file needs one JSON object per line") from None
-
-
-def parse_row(row, kind, where):
-    """A row checked: a dict of its video path (as written), start and end, and the columns of its kind."""
-    if not isinstance(row, dict) or not str(row.get("video") or "").strip():
-        raise BadInput(f"{where}: no 'video'")
-    try:
-        start, end = (None if row.get(k) in (None, "") else float(row[k]) for k in ("start", "end"))
-    except ValueError:
-        raise BadInput(f"{where}: start and end must be seconds, got {row.get('start')!r}, {row.get('end')!r}") from None
-    if start is not None and end is not None and not start < end:
-        raise BadInput(f"{where}: start {start} is not before end {end}")
-    out = dict(video=str(row["video"]).strip(), start=start, end=end)
-
-    def text(name):
-        value = str(row.get(name) or "").strip()
-        if not value:
-            raise BadInput(f"{where}: empty {name}")
-        return value
-
-    if kind == "captions":
-        out["caption"] = text("caption")
-    elif kind == "qa":
-        out.update(question=text("question"), answer=text("answer"), type=str(row.get("type") or "").strip())
-    else:
-        options = row.get("options")
-        try:
-            options = json.loads(options) if isinstance(options, str) else options
-        except json.JSONDecodeError:
-            options = None
-        if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) and o.strip() for o in options):
-            raise BadInput(f"{where}: options must be a JSON list of two or more captions")
-        try:
-            answer = int(row.get("answer"))
-        except (TypeError, ValueError):
-            raise BadInput(f"{where}: answer must be the index of the right option, got {row.get('answer')!r}") from None
-        if not 0 <= answer < len(options):
-            raise BadInput(f"{where}: answer {answer} is outside its {len(options)} options (0 to {len(options) - 1})")
-        out.update(options=[o.strip() for o in options], answer=answer)
-    return out
-
-
-class Texts:
-    """A column of texts as one UTF-8 buffer and the offset where each ends: about the bytes of the text itself."""
-
-    def __init__(self):
-        self.data, self.ends = bytearray(), array.array("q")
-
-    def append(self, text):
-        self.data += text.encode()
-        self.ends.append(len(self.data))
-
-    def done(self):  # numpy views: read-only from here on, shared by forked DataLoader workers as they are
-        self.data, self.ends = np.frombuffer(self.data, np.uint8), np.frombuffer(self.ends, np.int64)
-        return self
-
-    def __getitem__(self, j):
-        return self.data[self.ends[j - 1] if j else 0: self.ends[j]].tobytes().decode()
-
-
-class Rows:
-    """A data file's rows as columns (Texts, and start and end as one float array, NaN for none): no Python object a
-    row, so millions of rows take about their bytes, and DataLoader workers share them without copy-on-write growth
-    (there are no reference counts to touch). rows[i] is row i as a dict, with its video path under the root;
-    rows.take(mask) is a subset over the same columns."""
-
-    TEXTS = {"captions": ("video", "caption"), "qa": ("video", "question", "answer", "type"), "mc": ("video", "options")}
-
-    def __init__(self, kind, root):
-        self.kind, self.root, self.texts = kind, root, {name: Texts() for name in self.TEXTS[kind]}
-        self.times, self.answer, self.options_end = array.array("d"), array.array("q"), array.array("q")
-        self.index = None
-
-    def append(self, row):
-        for name, column in self.texts.items():
-            if name == "options":
-                for option in row["options"]:
-                    column.append(option)
-                self.options_end.append(len(column.ends))
-                self.answer.append(row["answer"])
-            else:
-                column.append(row[name])
-        self.times.extend([math.nan if row[k] is None else row[k] for k in ("start", "end")])
-
-    def done(self):
-        for column in self.texts.values():
-            column.done()
-        self.times = np.frombuffer(self.times, np.float64).reshape(-1, 2)
-        self.answer, self.options_end = np.frombuffer(self.answer, np.int64), np.frombuffer(self.options_end, np.int64)
-        self.index = np.arange(len(self.times))
-        return self
-
-    def take(self, mask):
-        rows = copy.copy(self)
-        rows.index = self.index[mask]
-        return rows
-
-    def __len__(self):
-        return len(self.index)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[k] for k in range(*i.indices(len(self)))]
-        j = self.index[i]
-        start, end = (None if math.isnan(v) else float(v) for v in self.times[j])
-        row = dict(video=self.video(j), start=start, end=end)
-        for name in self.TEXTS[self.kind][1:]:
-            if name == "options":
-                first = self.options_end[j - 1] if j else 0
-                row.update(options=[self.texts["options"][o] for o in range(first, self.options_end[j])],
-                           answer=int(self.answer[j]))
-            else:
-                row[name] = self.texts[name][j]
-        return row
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
-
-    def video(self, j):  # the video path of row j of the columns, under the root
-        return str(self.root / self.texts["video"][j])
-
-    def texts_of(self):  # every caption, question and option: what a word-level vocabulary is made of
-        for name in ("caption", "question"):
-            if name in self.texts:
-                yield from (self.texts[name][j] for j in self.index)
-        if "options" in self.texts:
-            yield from (option for r in self for option in r["options"])
-
-
-def read_data(opts):
-    """The training and held-out rows of --data and --val-data, checked against --task. Without --val-data,
-    --val-share of --data's videos is held out, so that no video is in both."""
-    kind = TASK_KIND[opts.task]
-    train = val = None
-    if opts.data:
-        found, train = read_rows(opts.data, opts.video_root)
-        if found != kind:
-            raise BadInput(f"--data {opts.data} has {KINDS[found]} rows; --task {opts.task} trains on rows with "
-                           f"{KINDS[kind]}")
-    if opts.val_data:
-        found, val = read_rows(opts.val_data, opts.video_root)
-        if found != kind and not (opts.task == "pretrain" and found == "mc"):  # pre-training: zero-shot MC too
-            raise BadInput(f"--val-data {opts.val_data} has {KINDS[found]} rows; --task {opts.task} evaluates rows "
-                           f"with {KINDS[kind]}" + (" (or multiple choice)" if opts.task == "pretrain" else ""))
-    else:  # hold out whole videos: the sorted paths in a seeded shuffle, the first --val-share of them
-        column = train.texts["video"]
-        path_of = {v: str(train.root / v) for v in {column[j] for j in train.index}}  # each video once, as written
-        videos = sorted(set(path_of.values()))
-        random.Random(opts.seed).shuffle(videos)
-        held = set(videos[: max(1, round(opts.val_share * len(videos)))]) if len(videos) > 1 else set()
-        held = {v for v, path in path_of.items() if path in held}
-        out = np.fromiter((column[j] in held for j in train.index), bool, len(train))
-        train, val = train.take(~out), train.take(out)
-    if not val or not (train or opts.eval_only):
-        raise BadInput(f"{opts.data or opts.val_data}: need clips both to train on and to hold out (got "
-                       f"{len(train) if train else 0} and {len(val) if val else 0}); --eval-only needs only --val-data")
-    return dict(train=train if train is not None else Rows(kind, Path()).done(), val=val, kind=val.kind)
-
-
-def texts_of(*rows):
-    """The texts of data-file rows (captions, options, questions): what a word-level vocabulary is made of."""
-    return (text for r in rows for text in r.texts_of())
-
-
-# --- dataset, sampler, data source
-
-
-class ClipDataset(torch.utils.data.Dataset):
-    """Item (index, seed): that row's clip as uint8 and the row's index. Training: when the row's file cannot be
-    loaded, the next row's (up to 20 tries); evaluation: None. The failures ride along to the main process, which
-    reports and counts them (nothing raises in a worker)."""
-
-    def __init__(self, rows, frames, size, train, preprocess):
-        self.rows, self.frames, self.size, self.train, self.preprocess = rows, frames, size, train, preprocess
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, item):
-        index, seed = item
-        failures = []
-        for i in range(index, index + (20 if self.train else 1)):
-            row = self.rows[i % len(self.rows)]
-            try:
-                clip = read_clip(row["video"], self.frames, self.size, self.train, row["start"], row["end"],
-                                 torch.Generator().manual_seed(seed), self.preprocess)
-                return clip, i % len(self.rows), failures
-            except ClipError as e:
-                failures.append((row["video"], str(e)))
-        return None, index, failures
-
-
-def collate(items):
-    clips, rows, failures = zip(*items)
-    failures = [f for fs in failures for f in fs]
-    return (None if any(c is None for c in clips) else torch.stack(clips)), list(rows), failures
-
-
-class StepBatches:
-    """Index lists for steps start..steps-1: epochs of seeded permutations; process r of w takes samples r, r + w, ...
-    of each step's global batch (a distributed sampler). The same in every run, so --resume continues the order."""
-
-    def __init__(self, n, batch, seed, rank, world, start, steps):
-        self.n, self.batch, self.seed, self.rank, self.world, self.start, self.steps = n, batch, seed, rank, world, start, steps
-        self.epoch, self.order = None, None
-
-    def __len__(self):
-        return self.steps - self.start
-
-    def position(self, p):  # the p-th sample of the whole run
-        epoch, i = divmod(p, self.n)
-        if epoch != self.epoch:
-            self.epoch, self.order = epoch, torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
-        return int(self.order[i]), self.seed * 1_000_003 + p
-
-    def __iter__(self):
-        for step in range(self.start, self.steps):
-            yield [self.position(p) for p in range(step * self.batch + self.rank, (step + 1) * self.batch, self.world)]
-
-
-class Skipped:
-    """Clips that failed to load: each file reported once, every skipped sample counted; too many stop the run."""
-
-    def __init__(self, max_share, loud):
-        self.max_share, self.loud, self.files, self.count, self.total = max_share, loud, {}, 0, 0
-
-    def add(self, failures, loaded):
-        for path, message in failures:
-            if path not in self.files and self.loud:
-                print(f"warning: skipped {message}", flush=True)
-            self.files.setdefault(path, message)
-        self.count += len(failures)
-        self.total += len(failures) + loaded
-        if self.total >= 20 and self.count > self.max_share * self.total:
-            self.stop(f"{self.count} of {self.total} clips failed to load, more than --max-bad-share {self.max_share}")
-
-    def stop(self, why):
-        examples = "\n  ".join(list(self.files.values())[:5])
-        raise BadInput(f"{why}; {len(self.files)} files in all, for example:\n  {examples}")
-
-
-class Clips:
-    """Your clips: decoded with PyAV in DataLoader workers; a file that fails is skipped, named once and counted."""
-
-    shared = ()  # every key of a batch is per clip: its rows split among processes and micro-batches
-
-    def __init__(self, rows, cfg, text, opts, preprocess, answers, device, rank=0, world=1):  # rows: read_data(opts)
-        self.cfg, self.text, self.opts, self.preprocess, self.device = cfg, text, opts, preprocess, device
-        self.rank, self.world, self.kind = rank, world, rows["kind"]
-        self.answers = {a: i for i, a in enumerate(answers)}
-        self.rows, self.val = rows["train"], rows["val"]
-        if opts.task == "qa":  # train only on answers in the vocabulary (--answers N)
-            self.rows = self.rows.take(np.array([r["answer"] in self.answers for r in self.rows], bool))
-        self.skipped = Skipped(opts.max_bad_share, loud=rank == 0)
-        if rank == 0:
-            print(f"{opts.data or opts.val_data}: {len(self.rows)} training and {len(self.val)} held-out rows; "
-                  f"texts longer than {cfg.max_text_len} tokens are truncated (metrics.jsonl: truncated_captions)"
-                  + (f"; {len(rows['train']) - len(self.rows)} training rows' answers are outside the "
-                     f"{len(answers)}-answer vocabulary and left out" if opts.task == "qa" else ""))
-
-    def loader(self, rows, train, sampler):
-        return torch.utils.data.DataLoader(
-            ClipDataset(rows, self.cfg.frames, self.cfg.image_size, train, self.preprocess), batch_sampler=sampler,
-            collate_fn=collate, num_workers=self.opts.workers, pin_memory=self.device.type == "cuda")
-
-    def batches(self, start):
-        o, dev = self.opts, self.device
-        sampler = StepBatches(len(self.rows), o.batch, o.seed, self.rank, self.world, start, o.steps)
-        for step, (video, index, failures) in enumerate(self.loader(self.rows, True, sampler), start):
-            if video is None:
-                self.skipped.add(failures, 0)
-                self.skipped.stop("20 rows in a row failed to load")
-            self.skipped.add(failures, len(video))
-            rows = [self.rows[i] for i in index]
-            batch = dict(video=normalize(video.to(dev, non_blocking=True), self.preprocess))
-            g = torch.Generator().manual_seed(hash((o.seed, step, self.rank)) % 2**62)
-            if o.task == "pretrain":
-                ids, mask = self.text([r["caption"] for r in rows], dev)
-                other, labels = vtm_batch(torch.arange(o.vtm_clips // self.world), generator=g)  # half: another's caption
-                batch.update(vtm_ids=ids[other.to(dev)], vtm_mask=mask[other.to(dev)], vtm_labels=labels.to(dev),
-                             text_ids=ids, text_mask=mask)
-                k = o.mlm_clips // self.world
-                if k:
-                    masked, labels = self.text.mask_words(ids[:k].cpu(), mask[:k].cpu(), self.cfg.vocab_size, g)
-                    batch.update(mlm_ids=masked.to(dev), mlm_mask=mask[:k], mlm_labels=labels.to(dev))
-            elif o.task == "mc":
-                ids, mask = self.text([t for r in rows for t in r["options"]], dev)
-                batch.update(options_ids=ids.view(len(rows), -1, ids.shape[1]), options_mask=mask.view(len(rows), -1, ids.shape[1]),
-                             answer=torch.tensor([r["answer"] for r in rows], device=dev))
-            else:
-                ids, mask = self.text([r["question"] for r in rows], dev)
-                batch.update(question_ids=ids, question_mask=mask,
-                             answer=torch.tensor([self.answers[r["answer"]] for r in rows], device=dev))
-            yield batch
-
-    def held_out(self):
-        """The held-out rows grouped into clips (same video, start and end), each decoded once and kept as uint8."""
-        clips = {}
-        for r in self.val:
-            key = (r["video"], r["start"], r["end"])
-            if key in clips or len(clips) < self.opts.eval_clips:
-                clips.setdefault(key, []).append(r)
-        keys, videos, rows = list(clips), [], []
-        meter = Progress("decoding held-out clips", len(keys), self.rank == 0)
-        for video, index, failures in self.loader([clips[k][0] for k in keys], False, [[(i, 0)] for i in range(len(keys))]):
-            self.skipped.add(failures, 0 if video is None else len(video))
-            if video is not None:
-                videos.append(video)
-                rows.append(clips[keys[index[0]]])
-            meter(1)
-        if not videos:
-            self.skipped.stop("no held-out clip could be loaded")
-        held, n = HeldOut(torch.cat(videos)), len(videos)
-        clip = torch.tensor([c for c, rs in enumerate(rows) for _ in rs])  # the clip of each row
-        flat = [r for rs in rows for r in rs]
-        if self.kind == "captions":  # a caption's hit is its own clip; a clip's, any of its captions
-            captions = [r["caption"] for r in flat]
-            texts = {t: i for i, t in enumerate(dict.fromkeys(captions))}
-            ids, mask = self.text(captions)
-            first = torch.tensor([0] + [len(rs) for rs in rows[:-1]]).cumsum(0)
-            held.captions = Captions(ids, mask, first=first, label=clip, clip_label=torch.arange(n),
-                                     text=torch.tensor([texts[t] for t in captions]))
-        elif self.kind == "mc":
-            k = len(flat[0]["options"])
-            if any(len(r["options"]) != k for r in flat):
-                raise BadInput(f"{self.opts.val_data}: every row needs the same number of options ({k})")
-            ids, mask = self.text([t for r in flat for t in r["options"]])
-            held.choices["mc_acc"] = Choices(ids.view(len(flat), k, -1), mask.view(len(flat), k, -1), clip,
-                                             torch.tensor([r["answer"] for r in flat]))
-        else:
-            ids, mask = self.text([r["question"] for r in flat])
-            kinds = sorted({r["type"] for r in flat if r["type"]})
-            held.questions = Questions(ids, mask, clip, torch.tensor([self.answers.get(r["answer"], -1) for r in flat]),
-                                       torch.tensor([kinds.index(r["type"]) if r["type"] else -1 for r in flat]), kinds)
-        if self.rank == 0:
-            print(f"held out: {n} clips, {len(flat)} rows")
-        return held
-
-    def samples(self, k):
-        k = min(k, len(self.rows))
-        video, _, _ = collate([ClipDataset(self.rows, self.cfg.frames, self.cfg.image_size, False, "ours")[(i, 0)]
-                               for i in range(k)])
-        return video.float() / 255, [self.rows[i].get("caption") or self.rows[i].get("question") or "" for i in range(k)]
-
 
 
 if __name__ == "__main__":

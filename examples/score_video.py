@@ -9,17 +9,17 @@ gets the official preprocessing. Frames are sampled as in evaluation: the middle
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train_tiny as tt  # noqa: E402
+import train_videos as tv  # the companion, beside this file: decoding, loading a model
+
+tt = tv.tt  # train_tiny.py
 
 
 def scores(model, text, preprocess, video, captions):
     """The VTM match logit of each caption with the video file: (len(captions),)."""
-    clip = tt.load_clip(video, model.cfg.frames, model.cfg.image_size, preprocess=preprocess)  # (t, 3, H, W)
+    clip = tv.load_clip(video, model.cfg.frames, model.cfg.image_size, preprocess=preprocess)  # (t, 3, H, W)
     ids, mask = text(captions)
     with torch.no_grad():
         return model.match_score(model(clip.expand(len(captions), -1, -1, -1, -1), ids, mask).pooled)
@@ -32,7 +32,7 @@ def main(argv=None):
     p.add_argument("--ckpt", required=True, help="a train_tiny.py ckpt.pt, or an official checkpoint (with --vocab)")
     p.add_argument("--vocab", default="", help="the BERT vocab.txt of an official checkpoint")
     args = p.parse_args(argv)
-    model, text, preprocess, untrained = tt.load_model(args.ckpt, args.vocab)
+    model, text, preprocess, untrained = tv.load_model(args.ckpt, args.vocab)
     if "vtm_head" in untrained:
         print(f"note: {args.ckpt} has a VTM head that was never trained: these scores mean nothing", file=sys.stderr)
     for score, caption in sorted(zip(scores(model, text, preprocess, args.video, args.captions).tolist(), args.captions),
@@ -41,4 +41,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    tt.run_script(main)
+    with tt.one_line_errors():
+        main()

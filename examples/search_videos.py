@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train_tiny as tt  # noqa: E402
-from allinone import cosine_similarity, load_checkpoint  # noqa: E402
+import train_videos as tv  # the companion, beside this file: decoding, loading a model
+from allinone import cosine_similarity, load_checkpoint
 
-SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".ts", ".mpg", ".mpeg", ".flv", ".wmv", *tt.IMAGE_SUFFIXES)
+tt = tv.tt  # train_tiny.py
+
+SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".ts", ".mpg", ".mpeg", ".flv", ".wmv", *tv.IMAGE_SUFFIXES)
 CACHE = ".allinone-search.pt"
 
 
@@ -62,9 +63,9 @@ def embed_folder(model, preprocess, folder, paths, key, batch=16):
         clips, names = [], []
         for p in todo[start: start + batch]:
             try:
-                clips.append(tt.load_clip(folder / p, cfg.frames, cfg.image_size, preprocess=preprocess))
+                clips.append(tv.load_clip(folder / p, cfg.frames, cfg.image_size, preprocess=preprocess))
                 names.append(p)
-            except tt.ClipError as e:
+            except tv.ClipError as e:
                 failed.append(str(e))
         if clips:
             with torch.no_grad():
@@ -85,7 +86,7 @@ def embed_folder(model, preprocess, folder, paths, key, batch=16):
 def match_scores(model, text, preprocess, folder, paths, query):
     """The joint pass of the query with each file: VTM match logits, (len(paths),)."""
     cfg = model.cfg
-    clips = torch.stack([tt.load_clip(Path(folder) / p, cfg.frames, cfg.image_size, preprocess=preprocess) for p in paths])
+    clips = torch.stack([tv.load_clip(Path(folder) / p, cfg.frames, cfg.image_size, preprocess=preprocess) for p in paths])
     ids, mask = text([query] * len(paths))
     with torch.no_grad():
         return model.match_score(model(clips, ids, mask).pooled)
@@ -120,9 +121,9 @@ def joint_search(model, text, preprocess, folder, paths, queries, top, batch=16)
     cfg, kept, clips, failed = model.cfg, [], [], []
     for p in paths:
         try:
-            clips.append(tt.read_clip(Path(folder) / p, cfg.frames, cfg.image_size, preprocess=preprocess))
+            clips.append(tv.decode_clip(Path(folder) / p, cfg.frames, cfg.image_size, preprocess=preprocess))
             kept.append(p)
-        except tt.ClipError as e:
+        except tv.ClipError as e:
             failed.append(str(e))
     print(f"note: the checkpoint has no trained contrastive projections: every video is scored with the joint pass, "
           f"{len(kept)} passes for each query, and nothing is cached"
@@ -152,7 +153,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.top < 1:
         p.error(f"--top must be at least 1, got {args.top}")
-    model, text, preprocess, untrained = tt.load_model(args.ckpt, args.vocab)
+    model, text, preprocess, untrained = tv.load_model(args.ckpt, args.vocab)
     start = time.perf_counter()
     results = search(model, text, preprocess, untrained, args.folder, args.queries, args.top,
                      cache_key(args.ckpt, model.cfg, preprocess))
@@ -166,4 +167,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    tt.run_script(main)
+    with tt.one_line_errors():
+        main()

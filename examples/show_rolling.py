@@ -18,15 +18,15 @@ The attention is the model's own: recomputed from the q, k and mask each block's
 import argparse
 import contextlib
 import math
-import sys
 from pathlib import Path
 
 import torch
 from einops import rearrange
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train_tiny as tt  # noqa: E402
-from allinone import token_origins  # noqa: E402
+import train_videos as tv  # the companion, beside this file: decoding, loading a model
+from allinone import token_origins
+
+tt = tv.tt  # train_tiny.py
 
 PALETTE = torch.tensor([[230, 60, 60], [60, 190, 80], [70, 110, 240], [240, 210, 40], [200, 90, 220], [60, 200, 210],
                         [240, 140, 40], [150, 150, 150]], dtype=torch.uint8)
@@ -157,12 +157,12 @@ def main(argv=None):
         p.error("--video needs --caption and --word")
     columns = []
     for path in args.checkpoints:
-        model, text, preprocess, _ = tt.load_model(path, args.vocab)
+        model, text, preprocess, _ = tv.load_model(path, args.vocab)
         cfg = model.cfg
         if args.block is not None and not 0 <= args.block < cfg.depth:
             p.error(f"--block {args.block}: {path} has blocks 0 to {cfg.depth - 1}")
         if args.video:
-            video = tt.read_clip(args.video, cfg.frames, cfg.image_size, preprocess=preprocess)[None]
+            video = tv.decode_clip(args.video, cfg.frames, cfg.image_size, preprocess=preprocess)[None]
             captions, words = [args.caption], [[("word", args.word)]]
         else:
             video, captions, words = synthetic_clips(cfg, text)
@@ -186,9 +186,10 @@ def main(argv=None):
     img = torch.cat([torch.nn.functional.pad(c, (0, 0, 0, 24, 0, height - c.shape[0]), value=255) for c in columns], 1)
     out = Path(args.out)
     tt.make_folder(out)
-    tt.write_file(out / "rolling.png", lambda path: tt.write_image(path, img.numpy()))
+    tt.write_file(out / "rolling.png", lambda path: tv.write_image(path, img.numpy()))
     print(f"wrote {out / 'rolling.png'}")
 
 
 if __name__ == "__main__":
-    tt.run_script(main)
+    with tt.one_line_errors():
+        main()
