@@ -954,6 +954,18 @@ def test_resume_with_non_default_options_gives_identical_weights(tmp_path, one_t
     assert tt.Tokenizer.from_str(a["tokenizer"]).encode("a red circle appears").ids[0] == 2  # [CLS]
 
 
+def test_train_tiny_runs_where_pyav_is_not_installed(tmp_path):
+    blocked = ("import runpy, sys; sys.modules['av'] = None  # import av now fails, as where it is not installed\n"
+               f"sys.argv = ['train_tiny.py', *{QUICK + ['--steps', '3', '--out', str(tmp_path)]!r}]\n"
+               f"runpy.run_path({str(HERE / 'train_tiny.py')!r}, run_name='__main__')")
+    run = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=240,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0 and "eval step 3" in run.stdout, run.stderr[-3000:]
+    companion = subprocess.run([sys.executable, "-c", blocked.replace("train_tiny.py'", "examples/train_videos.py'")],
+                               capture_output=True, text=True)
+    assert "import of av halted" in companion.stderr  # the block works: the companion, which decodes, needs av
+
+
 def test_micro_batches_give_the_update_of_one_batch_for_vtm_mlm_and_the_caption_bank(one_thread):
     opts, cfg, text, model, data = tiny_setup()
     objective = tt.Pretrain(model, opts.temperature)

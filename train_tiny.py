@@ -593,6 +593,22 @@ def stop_if_not_finite(first_bad, folder, model=None, step=None):
                        "A smaller --lr, or a larger --temperature, may help")
 
 
+def save_checkpoint(folder, ckpt, model, optimizer, scaler, step, first_bad):
+    """OUT/ckpt.pt with the run's state at this step, written atomically by the main process, once every loss so far
+    and every weight is finite."""
+    stop_if_not_finite(first_bad, folder, model, step)
+    if folder.main:
+        state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step,
+                     rng=rng_state())
+        try:
+            write_file(folder.ckpt, lambda f: torch.save(vars(dataclasses.replace(ckpt, **state)), f))
+        except BadInput as e:
+            kept = (f"{folder.ckpt} of step {folder.saved} is kept: --resume continues from it once there is space"
+                    if folder.ckpt.exists() else "no checkpoint of this run was written")
+            raise BadInput(f"step {step}: {e}; {kept}") from None
+        folder.saved = step
+
+
 # -----------------------------------------------------------------------------
 # Evaluation, the way papers report it: held-out sets, and one short function per kind of metric
 
@@ -882,8 +898,8 @@ def ablation(opts, Data=Synthetic):
 
 
 # =====================================================================================================================
-# What the run above calls by name; a reader of the method need not go further. Option checks and the resume rules;
-# start points and set-up; checkpoints and the run folder; devices, precision and time; FLOP counting; DDP.
+# What the run above calls by name; a reader of the method need not go further: option checks and the resume rules,
+# start points, checkpoints and the run folder, devices and clocks, FLOP counting, DDP.
 
 
 class BadInput(ValueError):
@@ -910,13 +926,12 @@ def parse_options(argv=None, Opts=Options):
     p = argparse.ArgumentParser(description=sys.modules[Opts.__module__].__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Opts):
-        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if f.type is bool:
-            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help)
+            p.add_argument(flag(f.name), action="store_true", default=argparse.SUPPRESS, help=f.metadata["help"])
         else:
             default = f.default if f.default is not None else ", ".join(f"{t} {d[f.name]}" for t, d in TASK_DEFAULTS.items())
-            p.add_argument(flag, type=f.type, default=argparse.SUPPRESS,
-                           help=help if f.default == "" else f"{help} (default: {default})")
+            p.add_argument(flag(f.name), type=f.type, default=argparse.SUPPRESS,
+                           help=f.metadata["help"] + ("" if f.default == "" else f" (default: {default})"))
     given = vars(p.parse_args(argv))  # only the flags on the command line
     opts = Opts(**given)
     if opts.resume:
@@ -942,15 +957,13 @@ def resumed_options(p, opts, given):
         p.error(f"--resume: {path} is not a train_tiny.py checkpoint")
     fields = {f.name for f in dataclasses.fields(opts)}
     if saved["options"].get("data") and "data" not in fields:
-        p.error(f"--resume: the run in {opts.out} trained on --data {saved['options']['data']}: resume it with "
-                "examples/train_videos.py")
+        p.error(f"--resume: the run in {opts.out} trained on your videos: examples/train_videos.py --resume continues it")
     saved = {k: v for k, v in saved["options"].items() if k in fields}
     free = opts.may_change_on_resume | (opts.may_change_to_evaluate if opts.eval_only else set())
     for name, value in given.items():
         if name not in free and name in saved and value != saved[name]:
-            p.error(f"--{name.replace('_', '-')} {value!r} differs from the checkpoint's {saved[name]!r} ({path}): a "
-                    f"resumed run keeps its options; only "
-                    f"{', '.join('--' + n.replace('_', '-') for n in sorted(free - {'resume', 'out'}))} may change")
+            p.error(f"{flag(name)} {value!r} differs from the checkpoint's {saved[name]!r} ({path}): a resumed run keeps "
+                    f"its options; only {', '.join(flag(n) for n in sorted(free - {'resume', 'out'}))} may change")
     return type(opts)(**{**saved, **{k: v for k, v in given.items() if k in free}, "restart": False})
 
 
@@ -976,12 +989,12 @@ def check_options(p, o):
         if not ok:
             p.error(message)
 
-    for name, allowed in (("task", TASKS), ("temporal", ("", "roll", "none", "flatten")),
-                          ("preprocess", ("auto", "ours", "official")), ("device", ("auto", "cuda", "mps", "cpu")),
-                          ("precision", ("auto", "fp32", "bf16", "fp16"))):
-        words = [a for a in allowed if a]
-        need(getattr(o, name) in allowed, f"{flag(name)} must be {', '.join(words[:-1])} or {words[-1]}, not "
-                                          f"{getattr(o, name)!r}")
+    for name, allowed in (("task", TASKS), ("temporal", ("roll", "none", "flatten")), ("preprocess", ("auto", "ours",
+                          "official")), ("device", ("auto", "cuda", "mps", "cpu")), ("precision", ("auto", "fp32",
+                          "bf16", "fp16"))):
+        value = getattr(o, name)
+        need(value in allowed or (name, value) == ("temporal", ""),  # temporal "": the --init checkpoint's, else roll
+             f"{flag(name)} must be {', '.join(allowed[:-1])} or {allowed[-1]}, not {value!r}")
     for name in ("steps", "horizon", "log_every", "eval_every", "ckpt_every", "eval_clips", "accum"):
         need(getattr(o, name) >= 1, f"{flag(name)} must be at least 1, got {getattr(o, name)}")
     for name in ("warmup", "frames", "image_size", "heads", "fold_div"):
@@ -1013,7 +1026,7 @@ def check_divides(opts, world):
                            f"{opts.accum} micro-batches")
 
 
-# --- start points and set-up: from scratch, an official checkpoint, --init of ours, --resume
+# --- start points: from scratch, an official checkpoint, --init of ours, --resume
 
 
 @dataclass
@@ -1033,10 +1046,8 @@ def setup(opts, device, Data=Synthetic, rank=0, world=1):
     data = Data(opts, rank, world)  # your own videos: their data files are read here
     ours = start is not None and start.ours
     tokenizer = start.tokenizer if ours else make_tokenizer(opts.vocab, data.texts())
-    if ours and start.checkpoint.get("answers"):  # the QA classes: a start point's own, else the data's
-        answers = list(start.checkpoint["answers"])
-    else:
-        answers = data.answer_vocabulary() if opts.task == "qa" else []
+    answers = (list(start.checkpoint.get("answers", [])) if ours else []) or (  # the QA classes: a start point's own
+        data.answer_vocabulary() if opts.task == "qa" else [])
     model, untrained, opts = build_model(opts, start, tokenizer.get_vocab_size(), len(answers))
     preprocess = preprocess_for(opts, start)
     data.prepare(opts, model.cfg, Tokens(tokenizer, model.cfg.max_text_len), preprocess, answers, device)
@@ -1069,10 +1080,8 @@ def read_start_point(opts):
 
 def preprocess_for(opts, start):
     """Frames as the start point saw them: an official checkpoint the official way, ours as it was trained."""
-    if opts.preprocess != "auto":
-        return opts.preprocess
-    if start is None:
-        return "ours"
+    if opts.preprocess != "auto" or start is None:
+        return "ours" if opts.preprocess == "auto" else opts.preprocess
     return start.checkpoint.get("preprocess", "ours") if start.ours else "official"
 
 
@@ -1122,8 +1131,7 @@ def make_tokenizer(vocab_file, texts):
     if vocab_file:
         vocab = read_vocab(vocab_file)
         tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.normalizer, tok.pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
     else:
         normalizer, split = normalizers.Lowercase(), pre_tokenizers.Whitespace()
         words = {w for c in texts for w, _ in split.pre_tokenize_str(normalizer.normalize_str(c))}
@@ -1143,13 +1151,11 @@ def read_vocab(path):
         raise BadInput(f"--vocab {path}: cannot read it ({e})") from None
     vocab = {}
     for n, word in enumerate(lines, 1):
-        if not word.strip():
-            raise BadInput(f"--vocab {path} line {n}: blank (a vocab.txt has one token per line)")
-        if word in vocab:
-            raise BadInput(f"--vocab {path} line {n}: {word!r} again (first on line {vocab[word] + 1})")
+        if not word.strip() or word in vocab:
+            raise BadInput(f"--vocab {path} line {n}: " + (f"{word!r} again (first on line {vocab[word] + 1})"
+                           if word.strip() else "blank (a vocab.txt has one token per line)"))
         vocab[word] = n - 1
-    missing = [s for s in SPECIALS if s not in vocab]
-    if missing:
+    if missing := [s for s in SPECIALS if s not in vocab]:
         raise BadInput(f"--vocab {path} lacks the special tokens {missing}: is it a BERT vocab.txt?")
     return vocab
 
@@ -1197,22 +1203,6 @@ class Checkpoint:
     rng: dict = None  # the torch (and CUDA) random states
 
 
-def save_checkpoint(folder, ckpt, model, optimizer, scaler, step, first_bad):
-    """OUT/ckpt.pt with the run's state at this step, written atomically by the main process, once every loss so far
-    and every weight is finite."""
-    stop_if_not_finite(first_bad, folder, model, step)
-    if folder.main:
-        state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step,
-                     rng=rng_state())
-        try:
-            write_file(folder.ckpt, lambda f: torch.save(vars(dataclasses.replace(ckpt, **state)), f))
-        except BadInput as e:
-            kept = (f"{folder.ckpt} of step {folder.saved} is kept: --resume continues from it once there is space"
-                    if folder.ckpt.exists() else "no checkpoint of this run was written")
-            raise BadInput(f"step {step}: {e}; {kept}") from None
-        folder.saved = step
-
-
 class RunFolder:
     """--out holds one run. A lock, held for the whole run, makes a second run on the folder fail at once (the
     operating system drops it when the process ends, however it ends). A folder that holds a run is refused unless
@@ -1234,7 +1224,7 @@ class RunFolder:
         except OSError:
             self.lock.seek(0)
             holder = self.lock.read().strip() or "another process"
-            self.lock.close()
+            self.__exit__()
             raise BadInput(f"--out {self.path} is in use by another run ({holder}): one run per folder") from None
         self.lock.seek(0)
         self.lock.truncate()
@@ -1242,12 +1232,11 @@ class RunFolder:
         self.lock.flush()
         for tmp in self.path.glob("ckpt.pt.*.tmp"):  # a write cut short by a killed run
             tmp.unlink()
-        opts = self.opts
         held = [p for p in (self.ckpt, self.path / "metrics.jsonl") if p.exists()]
-        if opts.eval_only and not opts.resume:  # evaluations of other checkpoints may share a folder, not with a run
+        if self.opts.eval_only and not self.opts.resume:  # evaluations of other checkpoints may share a folder
             held = [p for p in held if p.name == "ckpt.pt"]
-        if held and not opts.resume:
-            if not opts.restart:
+        if held and not self.opts.resume:
+            if not self.opts.restart:
                 self.__exit__()
                 raise BadInput(f"--out {self.path} holds a run ({', '.join(p.name for p in held)}): --resume continues "
                                f"it, --restart moves it to {self.path}/previous-<time>/ and starts over, or choose "
@@ -1340,27 +1329,23 @@ def append_line(path, line):
 
 
 def rng_state():
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    return {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
 
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])  # this process's GPU's
 
 
-# --- devices, precision, time
+# --- devices, precision, clocks
 
 
 def pick_device(name):
+    """auto: the accelerator there is (CUDA, MPS, ...), else the CPU; under torchrun, this process's GPU."""
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", torch.cuda.current_device())  # under torchrun: this process's GPU
-    return torch.device(name)
+        name = getattr(torch.accelerator.current_accelerator(), "type", "cpu")
+    return torch.device(name, torch.cuda.current_device()) if name == "cuda" else torch.device(name)
 
 
 def mixed_precision(device, precision="auto"):
@@ -1379,13 +1364,6 @@ def mixed_precision(device, precision="auto"):
     return torch.autocast(device.type, dtype=dtype), torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
-def sync(device):  # wait for the device, so that a clock reading means what it says
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 class Clock:
     """Wall time, and training time: wall time less what was spent in paused() (evaluation, checkpoints)."""
 
@@ -1394,19 +1372,22 @@ class Clock:
 
     @contextlib.contextmanager
     def paused(self):
-        sync(self.device)
-        start = time.perf_counter()
+        start = self.now()
         try:
             yield
         finally:
-            self.paused_s += time.perf_counter() - start
+            self.paused_s += self.now() - start
+
+    def now(self):  # after the device has done what it was given, so that a reading means what it says
+        if self.device.type != "cpu":
+            torch.accelerator.synchronize(self.device)
+        return time.perf_counter()
 
     def wall(self):
         return time.perf_counter() - self.start
 
     def training(self):
-        sync(self.device)
-        return self.wall() - self.paused_s
+        return self.now() - self.start - self.paused_s
 
 
 class Progress:
@@ -1414,13 +1395,12 @@ class Progress:
 
     def __init__(self, what, total, loud, every=10.0):
         self.what, self.total, self.loud, self.every = what, total, loud, every
-        self.done, self.start, self.last = 0, time.perf_counter(), time.perf_counter()
+        self.done, self.start = 0, time.perf_counter()
+        self.last = self.start
 
     def __call__(self, n):
-        self.done += n
-        now = time.perf_counter()
-        finished_late = self.done == self.total and now - self.start > self.every
-        if self.loud and (now - self.last > self.every or finished_late):
+        self.done, now = self.done + n, time.perf_counter()
+        if self.loud and (now - self.last > self.every or (self.done == self.total and now - self.start > self.every)):
             rate = self.done / max(now - self.start, 1e-9)
             print(f"{self.what}: {self.done}/{self.total}, {rate:.1f}/s, {(self.total - self.done) / rate:.0f} s left",
                   flush=True)
@@ -1430,20 +1410,10 @@ class Progress:
 # --- FLOP counting
 
 
-def flop_counter():
-    """torch's FLOP counter, taught the CPU and MPS attention kernels it does not count by itself (torch 2.13)."""
-    aten, mapping = torch.ops.aten, {}
-    for name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_attention_math_for_mps"):
-        if hasattr(aten, name):
-            mapping[getattr(aten, name)] = lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v)
-        if hasattr(aten, name + "_backward"):
-            mapping[getattr(aten, name + "_backward")] = lambda g, q, k, v, *_, **__: sdpa_backward_flop_count(g, q, k, v)
-    return FlopCounterMode(display=False, custom_mapping=mapping)
-
-
 def count_flops(objective, batch, autocast):
-    """FLOPs of one forward and backward on the batch, under the run's autocast; the gradients are thrown away and the
-    random state is left as it was, so that the run goes on as if this had not happened."""
+    """FLOPs of one forward and backward on the batch, under the run's autocast, by torch's counter taught the CPU and
+    MPS attention kernels it misses (torch 2.13); the gradients are thrown away and the random state is left as it
+    was, so that the run goes on as if this had not happened."""
     device = next(objective.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), flop_counter() as counter:
         with autocast:
@@ -1451,6 +1421,16 @@ def count_flops(objective, batch, autocast):
         loss.backward()
     objective.zero_grad(set_to_none=True)
     return counter.get_total_flops()
+
+
+def flop_counter():
+    aten, mapping = torch.ops.aten, {}
+    for name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_attention_math_for_mps"):
+        if hasattr(aten, name):
+            mapping[getattr(aten, name)] = lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v)
+        if hasattr(aten, name + "_backward"):
+            mapping[getattr(aten, name + "_backward")] = lambda g, q, k, v, *_, **__: sdpa_backward_flop_count(g, q, k, v)
+    return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 # --- several processes: torchrun, DDP
