@@ -1561,6 +1561,24 @@ def test_two_processes_compute_what_one_process_computes(tmp_path):
     assert ckpt_of(tmp_path / "accum")["step"] == 1
 
 
+def test_torchrun_ablation_and_your_own_videos_with_two_processes(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    ablation = subprocess.run([*torchrun, str(HERE / "train_tiny.py"), *QUICK, "--steps", "1", "--eval-clips", "4",
+                               "--ablation", "--out", str(tmp_path / "ablation")],
+                              capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert ablation.returncode == 0, ablation.stderr[-3000:]  # the other process has no table to print, and ends
+    assert ablation.stdout.count("\nflatten ") == 1 and "Traceback" not in ablation.stderr
+    tv.main(["--samples", "8", "--out", str(tmp_path / "world")])
+    videos = subprocess.run([*torchrun, str(HERE / "examples" / "train_videos.py"), *QUICK, "--steps", "2",
+                             "--data", str(tmp_path / "world" / "captions.csv"), "--val-share", "0.3", "--workers", "1",
+                             "--out", str(tmp_path / "videos")], capture_output=True, text=True, timeout=240, env=env,
+                            cwd=tmp_path)
+    assert videos.returncode == 0, videos.stderr[-3000:]
+    assert "2 process(es)" in videos.stdout and videos.stdout.count("eval step 2") == 1
+    assert ckpt_of(tmp_path / "videos")["step"] == 2
+
+
 # --- real clips: frames, as ours and as an official checkpoint saw them ----------------------------------------------
 
 

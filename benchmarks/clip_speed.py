@@ -1,11 +1,11 @@
-"""Speed of train_tiny.load_clip, and of training on real clips with 0, 1 and 2 DataLoader workers, in one run.
+"""Speed of load_clip (examples/train_videos.py), and of training on real clips with 0, 1 and 2 DataLoader workers, in one run.
 
     python benchmarks/clip_speed.py            # makes its videos once under /tmp/allinone-bench (about 30 s)
 
 1. A 60-second 854x480 H.264 file at 30 fps with a keyframe every 2 seconds: clips/s of load_clip (seek to the
    keyframe before each wanted frame, decode forward to it) at 3 and 8 frames, 224 px, evaluation sampling, against
    decoding every frame of the file with PyAV and keeping the same frames.
-2. train_tiny.py on a CSV of 64 rows over eight 10-second 480p clips (nano preset, 32 px, batch 16): clips/s with
+2. examples/train_videos.py (train_tiny.py's loop) on a CSV of 64 rows over eight 10-second 480p clips (nano preset, 32 px, batch 16): clips/s with
    --workers 0, 1 and 2, against the synthetic data at the same settings, which costs no decoding: the gap is what
    decoding costs the loop on this machine.
 """
@@ -20,7 +20,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import train_tiny as tt  # noqa: E402
+import train_videos as tv  # noqa: E402
 
 W, H, FPS = 854, 480, 30
 
@@ -44,7 +46,7 @@ def decode_everything(path, num_frames, size):
     with av.open(str(path)) as c:
         stream = c.streams.video[0]
         stream.codec_context.thread_type = "AUTO"
-        keep = tt.segment_frames(stream.frames, num_frames)
+        keep = tv.segment_frames(stream.frames, num_frames)
         picked = {i: f.reformat(width=size, height=size, format="rgb24").to_ndarray()
                   for i, f in enumerate(c.decode(stream)) if i in keep}
     return [picked[i] for i in keep]
@@ -72,7 +74,7 @@ def main():
     print(f"{'frames':>6}{'decode all (clips/s)':>22}{'load_clip (clips/s)':>21}{'speed-up':>10}")
     for t in (3, 8):
         slow = rate(lambda: decode_everything(long, t, 224))
-        fast = rate(lambda: tt.load_clip(long, t, 224))
+        fast = rate(lambda: tv.load_clip(long, t, 224))
         print(f"{t:>6}{slow:>22.2f}{fast:>21.2f}{fast / slow:>9.1f}x")
 
     words = ["red", "blue", "small", "large", "fast", "slow", "left", "right"]
@@ -87,7 +89,7 @@ def main():
     for workers in (0, 1, 2):
         last = tt.train(tt.parse_options(common + ["--data", str(folder / "train.csv"), "--val-data", str(folder / "val.csv"),
                                                    "--workers", str(workers), "--out", str(folder / f"out-{workers}"),
-                                                   "--restart"]))
+                                                   "--restart"], tv.VideoOptions), tv.Clips)
         print(f"{f'real clips, {workers} workers':>26}: {last['clips_per_s']:6.1f} clips/s")
 
 

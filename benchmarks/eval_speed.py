@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from allinone import AllInOne, Config  # noqa: E402
 import train_tiny as tt  # noqa: E402
+import train_videos as tv  # noqa: E402
 from train_tiny import normalize  # noqa: E402
 
 
@@ -61,9 +63,9 @@ def main():
 
 def order_test_cost(ckpt):
     """Seconds of evaluate() on the checkpoint's held-out set, and of the frame-order test inside it."""
-    model, text, preprocess, untrained = tt.load_model(ckpt)
+    model, tokens, preprocess, untrained = tv.load_model(ckpt)
     opts = tt.parse_options(["--eval-only", "--init", ckpt])
-    held = tt.Synthetic(model.cfg, text, opts, preprocess, torch.device("cpu")).held_out()
+    held = tt.Synthetic(opts).prepare(opts, model.cfg, tokens, preprocess, [], torch.device("cpu")).held_out()
     order_test, spent = tt.order_test, []
 
     def timed_order_test(*args):
@@ -76,7 +78,7 @@ def order_test_cost(ckpt):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {len(held.video)} held-out clips of {ckpt}")
     for _ in range(3):
         start = time.perf_counter()
-        tt.evaluate(model, held, text, torch.autocast("cpu", enabled=False), preprocess, untrained)
+        tt.evaluate(model, held, tokens, torch.autocast("cpu", enabled=False), preprocess, untrained)
         total = time.perf_counter() - start
         print(f"evaluation {total:.2f} s, of which the frame-order test {spent[-1]:.2f} s ({spent[-1] / total:.0%})")
 

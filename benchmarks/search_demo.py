@@ -1,5 +1,5 @@
 """examples/search_videos.py on the synthetic world: every caption of the bank as a query over the 72 clips of
-`train_tiny.py --samples 72` (one right clip per query), how often the right clip comes first by the dual-stream
+`examples/train_videos.py --samples 72` (one right clip per query), how often the right clip comes first by the dual-stream
 ranking alone and after the re-rank of the top K, what the wrong first clips differ in, and the time per embedded
 clip and per query.
 
@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import search_videos as sv  # noqa: E402
 import train_tiny as tt  # noqa: E402
+import train_videos as tv  # noqa: E402
 
 
 def main():
@@ -28,9 +29,9 @@ def main():
     args = p.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="allinone-search-"))
     with contextlib.redirect_stdout(io.StringIO()):
-        tt.main(["--samples", "72", "--out", str(folder)])
+        tv.main(["--samples", "72", "--out", str(folder)])
     clips = folder / "clips"
-    model, text, preprocess, untrained = tt.load_model(args.ckpt)
+    model, text, preprocess, untrained = tv.load_model(args.ckpt)
     key = sv.cache_key(args.ckpt, model.cfg, preprocess)
     start = time.perf_counter()
     sv.embed_folder(model, preprocess, clips, sv.find_videos(clips), key)
