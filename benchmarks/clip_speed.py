@@ -1,13 +1,14 @@
-"""Speed of load_clip (examples/train_videos.py), and of training on real clips with 0, 1 and 2 DataLoader workers, in one run.
+"""Speed of examples/train_videos.py's load_clip, and of training on real clips with 0, 1 and 2 DataLoader workers,
+in one run.
 
     python benchmarks/clip_speed.py            # makes its videos once under /tmp/allinone-bench (about 30 s)
 
 1. A 60-second 854x480 H.264 file at 30 fps with a keyframe every 2 seconds: clips/s of load_clip (seek to the
    keyframe before each wanted frame, decode forward to it) at 3 and 8 frames, 224 px, evaluation sampling, against
    decoding every frame of the file with PyAV and keeping the same frames.
-2. examples/train_videos.py (train_tiny.py's loop) on a CSV of 64 rows over eight 10-second 480p clips (nano preset, 32 px, batch 16): clips/s with
-   --workers 0, 1 and 2, against the synthetic data at the same settings, which costs no decoding: the gap is what
-   decoding costs the loop on this machine.
+2. examples/train_videos.py (train_tiny.py's loop) on a CSV of 64 rows over eight 10-second 480p clips (nano preset,
+   32 px, batch 16): clips/s with --workers 0, 1 and 2, against the synthetic data at the same settings, which costs
+   no decoding: the gap is what decoding costs the loop on this machine.
 """
 
 import sys

@@ -3,18 +3,17 @@
     python benchmarks/rows_memory.py read --rows 100000 1000000 2500000     # read_data + Clips set-up, a process each
     python benchmarks/rows_memory.py train --rows 1000000 --steps 300       # PSS of the run and its 2 workers
 
-`read`: in a fresh process per size, the resident memory that reading the file (train_tiny.read_data) and setting up
-the data (train_tiny.Clips, tokenizer included) leave behind, the peak on the way, and the time. `train`: a
-train_tiny.py run over such a file whose rows point at a handful of real clips, with --workers 2; the proportional
-set size (PSS: shared pages split among the processes that share them, from /proc/PID/smaps_rollup) of the main
-process and each worker, sampled every 2 s, the last sample before the run ends. --code DIR measures the
-train_tiny.py in DIR instead (another version of it).
+`read`: in a fresh process per size, the resident memory that reading the file (examples/train_videos.py's read_data)
+and setting up the data (its Clips, tokenizer included) leave behind, the peak on the way, and the time. `train`: an
+examples/train_videos.py run over such a file whose rows point at a handful of real clips, with --workers 2; the
+proportional set size (PSS: shared pages split among the processes that share them, from /proc/PID/smaps_rollup) of
+the main process and each worker, sampled every 2 s, the last sample before the run ends. --code DIR measures the
+examples/train_videos.py and train_tiny.py in the checkout DIR instead (another version of them).
 """
 
 import argparse
 import csv
 import json
-import os
 import random
 import subprocess
 import sys
@@ -54,18 +53,26 @@ def status(field):  # kB from /proc/self/status
 
 def read_once(code, data, vocab):
     """In this process: the memory and time of read_data + Clips for one file, as one JSON line."""
-    sys.path.insert(0, str(code))
+    sys.path.insert(0, str(Path(code) / "examples"))  # train_videos puts the checkout itself on sys.path
     import torch
-    import train_tiny as tt
+    import train_videos as tv
     from allinone import Config
-    opts = tt.parse_options(["--data", data, "--vocab", vocab, "--device", "cpu"])
-    text = tt.Text(tt.make_tokenizer(vocab, []), 40)
-    cfg = Config.preset("nano", vocab_size=text.tok.get_vocab_size())
+    tt = tv.tt
+    opts = tt.parse_options(["--data", data, "--vocab", vocab, "--device", "cpu"], tv.VideoOptions)
+    tokens = tt.Tokens(tt.make_tokenizer(vocab, []), 40)
+    cfg = Config.preset("nano", vocab_size=tokens.tok.get_vocab_size())
+    read_data, marks = tv.read_data, {}
+
+    def timed_read_data(opts):  # Clips reads the data files in its constructor: the read's time and memory, marked,
+        rows = read_data(opts)  # and the rows held here, so that kept_mb counts them as before
+        marks.update(read_s=time.perf_counter() - start, after_read=status("VmRSS"), rows=rows)
+        return rows
+
+    tv.read_data = timed_read_data
     before, start = status("VmRSS"), time.perf_counter()
-    rows = tt.read_data(opts)
-    read_s, after_read = time.perf_counter() - start, status("VmRSS")
-    tt.Clips(rows, cfg, text, opts, "ours", [], torch.device("cpu"))
+    tv.Clips(opts).prepare(opts, cfg, tokens, "ours", [], torch.device("cpu"))
     total_s = time.perf_counter() - start
+    read_s, after_read = marks["read_s"], marks["after_read"]
     print(json.dumps(dict(read_s=read_s, setup_s=total_s, read_mb=(after_read - before) / 1024,
                           kept_mb=(status("VmRSS") - before) / 1024, peak_mb=(status("VmHWM") - before) / 1024)))
 
@@ -91,7 +98,8 @@ def main():
     p.add_argument("what", choices=["read", "train", "read-once"])
     p.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000, 2_500_000])
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--code", default=str(HERE), help="the folder of the train_tiny.py to measure")
+    p.add_argument("--code", default=str(HERE),
+                   help="the checkout whose examples/train_videos.py (and train_tiny.py) to measure")
     p.add_argument("--data", default="")
     p.add_argument("--vocab", default="")
     args = p.parse_args()
@@ -120,9 +128,9 @@ def main():
         videos.append(f"clip{i}.mp4")
     n = args.rows[0]
     write_csv(folder / "big.csv", n, videos)
-    cmd = [sys.executable, str(Path(args.code) / "train_tiny.py"), "--data", str(folder / "big.csv"), "--vocab",
-           str(folder / "vocab.txt"), "--val-data", str(folder / "val.csv"), "--steps", str(args.steps), "--batch", "16",
-           "--vtm-clips", "8", "--mlm-clips", "4", "--eval-every", str(args.steps * 10), "--ckpt-every",
+    cmd = [sys.executable, str(Path(args.code) / "examples" / "train_videos.py"), "--data", str(folder / "big.csv"),
+           "--vocab", str(folder / "vocab.txt"), "--val-data", str(folder / "val.csv"), "--steps", str(args.steps),
+           "--batch", "16", "--vtm-clips", "8", "--mlm-clips", "4", "--eval-every", str(args.steps * 10), "--ckpt-every",
            str(args.steps * 10), "--log-every", "50", "--workers", "2", "--out", str(folder / "out"), "--device", "cpu"]
     write_csv(folder / "val.csv", 8, videos)
     run = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
