@@ -466,10 +466,12 @@ def mlm_mask(ids, mask, vocab_size, prob=0.15, mask_id=MASK_ID, special_ids=(PAD
     token, 10% stay. With `continues` (b, l), True where a token continues the word before it (WordPiece's "##"
     pieces), whole words are picked: `prob` of the words, each with all its pieces. Returns (masked ids, labels), labels
     -100 everywhere but the picked positions."""
-    def rand(p):
-        return torch.rand(ids.shape, generator=generator, device=ids.device) < p
+    draw = generator.device if generator is not None else ids.device  # a generator draws on its own device
 
-    lots = torch.rand(ids.shape, generator=generator, device=ids.device)
+    def rand(p):
+        return torch.rand(ids.shape, generator=generator, device=draw).to(ids.device) < p
+
+    lots = torch.rand(ids.shape, generator=generator, device=draw).to(ids.device)
     if continues is not None:  # every piece takes the lot drawn at its word's first piece
         position = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         lots = lots.gather(1, torch.where(continues, 0, position).cummax(1).values)
@@ -477,7 +479,7 @@ def mlm_mask(ids, mask, vocab_size, prob=0.15, mask_id=MASK_ID, special_ids=(PAD
     picked = can & (lots < prob)
     to_mask = picked & rand(0.8)
     to_random = picked & ~to_mask & rand(0.5)  # half of the remaining 20%
-    random_ids = torch.randint(vocab_size, ids.shape, generator=generator, device=ids.device)
+    random_ids = torch.randint(vocab_size, ids.shape, generator=generator, device=draw).to(ids.device)
     out = torch.where(to_mask, torch.full_like(ids, mask_id), torch.where(to_random, random_ids, ids))
     return out, torch.where(picked, ids, torch.full_like(ids, -100))
 
@@ -493,9 +495,10 @@ def vtm_batch(video, generator=None):
     b = video.shape[0]
     if b < 2:
         raise ValueError("VTM needs a batch of at least 2 clips to build mismatched pairs")
-    labels = (torch.randperm(b, generator=generator) < b // 2).long()  # a random half matched
-    other = (torch.arange(b) + torch.randint(1, b, (b,), generator=generator)) % b  # any clip but its own
-    idx = torch.where(labels.bool(), torch.arange(b), other)
+    draw = generator.device if generator is not None else "cpu"  # a generator draws on its own device
+    labels = (torch.randperm(b, generator=generator, device=draw) < b // 2).long()  # a random half matched
+    other = (torch.arange(b, device=draw) + torch.randint(1, b, (b,), generator=generator, device=draw)) % b  # not its own
+    idx = torch.where(labels.bool(), torch.arange(b, device=draw), other)
     return video[idx.to(video.device)], labels.to(video.device)
 
 

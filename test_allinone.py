@@ -1031,6 +1031,35 @@ def test_precision_fp16_and_bf16_on_the_cpu(tmp_path, capsys, monkeypatch):
     assert code == 1 and "the loss or the weights are not finite" in err
 
 
+def test_resume_on_another_device_that_runs_fp16_with_a_loss_scaler(tmp_path, capsys, monkeypatch):
+    code, _, err = run_cli(QUICK + ["--steps", "2", "--out", str(tmp_path)], capsys)  # fp32: an empty scaler state
+    assert code == 0 and ckpt_of(tmp_path)["scaler"] == {}, err
+    real = tt.mixed_precision  # --precision auto on a GPU without bf16: fp16 and an enabled scaler
+    monkeypatch.setattr(tt, "mixed_precision", lambda device, precision: (real(device, "fp16")[0],
+                                                                          torch.amp.GradScaler("cpu")))
+    code, _, err = run_cli(["--resume", "--out", str(tmp_path), "--steps", "3"], capsys)
+    assert code == 0 and "Traceback" not in err, err
+    assert ckpt_of(tmp_path)["step"] == 3 and ckpt_of(tmp_path)["scaler"]["scale"] > 0
+
+
+def test_resume_on_fewer_gpus_restores_this_process_s_random_state(tmp_path, capsys, monkeypatch):
+    """A run saved by 8 processes on 8 GPUs, resumed by one process on one GPU (CUDA's functions stood in for)."""
+    run_cli(QUICK + ["--steps", "2", "--out", str(tmp_path)], capsys)
+    ckpt = ckpt_of(tmp_path)
+    ckpt["rng"] = [dict(torch=torch.manual_seed(r).get_state(), cuda=torch.full((16,), r + 1, dtype=torch.uint8))
+                   for r in range(8)]
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.zeros(16, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(state))
+    code, _, err = run_cli(["--resume", "--out", str(tmp_path), "--steps", "3"], capsys)
+    assert code == 0, err
+    assert len(restored) == 1 and torch.equal(restored[0], torch.ones(16, dtype=torch.uint8))  # rank 0's GPU's state
+    assert len(ckpt_of(tmp_path)["rng"]) == 1  # saved again by the one process
+
+
 def test_a_short_pre_training_then_fine_tuning_beats_chance(tmp_path, one_thread):
     flags = ["--log-every", "50", "--device", "cpu", "--warmup", "5"]
     tt.train(tt.parse_options(flags + ["--steps", "30", "--batch", "32", "--vtm-clips", "8", "--mlm-clips", "4",
@@ -1187,6 +1216,14 @@ def test_the_frame_order_test_flips_for_order_and_not_without_it(one_thread):
         assert all(m[f"{k}_{suffix}"] == m[k] for k in ("t2v_r1", "v2t_r1", "vtm_acc", "mc_acc")), suffix
     assert tt.frame_orders(2).keys() == {"reversed"} and tt.frame_orders(4)["shuffled"].tolist() not in ([0, 1, 2, 3],
                                                                                                           [3, 2, 1, 0])
+
+
+def test_evaluation_chunks_are_the_training_micro_batch(tmp_path, capsys, monkeypatch):
+    chunks, real = set(), tt.Passes.run
+    monkeypatch.setattr(tt.Passes, "run", lambda self, what, n, fn, chunk=None: chunks.add(chunk or self.chunk)
+                        or real(self, what, n, fn, chunk))
+    code, _, err = run_cli(QUICK + ["--accum", "2", "--steps", "1", "--eval-clips", "12", "--out", str(tmp_path)], capsys)
+    assert code == 0 and chunks == {4, 1}, (chunks, err)  # --batch 8 / --accum 2; multiple choice: 4 // 6 options, 1
 
 
 def test_qa_accuracy_counts_unknown_answers_wrong():
@@ -1559,6 +1596,16 @@ def test_two_processes_compute_what_one_process_computes(tmp_path):
                            capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert accum.returncode == 0 and "Warning" not in accum.stderr, accum.stderr[-3000:]
     assert ckpt_of(tmp_path / "accum")["step"] == 1
+    rng = ckpt_of(tmp_path / "two")["rng"]  # each process its own dropout masks, and its random state kept
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"]) and len(a["rng"]) == 1
+
+
+def test_torchrun_on_mps_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("mps"))
+    with pytest.raises(tt.BadInput, match="torchrun runs on CUDA GPUs .* or on the CPU"):
+        tt.start_processes(tt.Options())
+    assert not tt.dist.is_initialized()
 
 
 def test_torchrun_ablation_and_your_own_videos_with_two_processes(tmp_path):

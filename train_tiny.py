@@ -17,6 +17,7 @@ the run folder, devices, DDP.
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import errno
 import json
 import math
@@ -481,10 +482,12 @@ def train(opts, Data=Synthetic):
         if ckpt.untrained:
             say(f"heads this run does not train, never trained before: {', '.join(ckpt.untrained)}")
         optimizer, params = make_optimizer(model, trained, opts, device)  # the other heads are frozen
+        torch.manual_seed(hash((opts.seed, rank)) % 2**62)  # dropout: each process its own masks
         if ckpt.optimizer:  # resuming: the optimizer, the loss scaler and the random state as they were saved
             optimizer.load_state_dict(ckpt.optimizer)
-            scaler.load_state_dict(ckpt.scaler)
-            set_rng_state(ckpt.rng)
+            if ckpt.scaler:  # (empty from an fp32 or bf16 run, which another device may resume in fp16)
+                scaler.load_state_dict(ckpt.scaler)
+            set_rng_state(ckpt.rng, rank)
         model.train()
         step_fn = distributed(objective, world, opts.compile)  # DDP under torchrun; torch.compile with --compile
         held = data.held_out() if rank == 0 else None
@@ -597,9 +600,13 @@ def save_checkpoint(folder, ckpt, model, optimizer, scaler, step, first_bad):
     """OUT/ckpt.pt with the run's state at this step, written atomically by the main process, once every loss so far
     and every weight is finite."""
     stop_if_not_finite(first_bad, folder, model, step)
+    rng = [rng_state()]
+    if dist.is_initialized():  # every process's random state, in rank order
+        rng = [None] * dist.get_world_size()
+        dist.all_gather_object(rng, rng_state())
     if folder.main:
         state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step,
-                     rng=rng_state())
+                     rng=rng)
         try:
             write_file(folder.ckpt, lambda f: torch.save(vars(dataclasses.replace(ckpt, **state)), f))
         except BadInput as e:
@@ -1200,7 +1207,7 @@ class Checkpoint:
     optimizer: dict = None  # AdamW's state dict
     scaler: dict = None  # the fp16 loss scaler's
     step: int = 0  # optimizer steps taken
-    rng: dict = None  # the torch (and CUDA) random states
+    rng: list = None  # each process's torch (and CUDA) random state, in rank order
 
 
 class RunFolder:
@@ -1328,14 +1335,18 @@ def append_line(path, line):
             raise BadInput(f"cannot add to {path}: {e.strerror}; the numbers above are not in it") from None
 
 
-def rng_state():
+def rng_state():  # this process's random state: the CPU's and its GPU's
     return {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
 
 
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])  # this process's GPU's
+def set_rng_state(states, rank):
+    """This process's random state as it was saved (a run resumed on more processes than it had: the others keep their
+    new seeds; on fewer GPUs: each process its own GPU's state, whatever the count)."""
+    states = states if isinstance(states, list) else [states]
+    if rank < len(states):
+        torch.set_rng_state(states[rank]["torch"])
+        if isinstance(states[rank].get("cuda"), torch.Tensor) and torch.cuda.is_available():
+            torch.cuda.set_rng_state(states[rank]["cuda"])
 
 
 # --- devices, precision, clocks
@@ -1441,10 +1452,13 @@ def start_processes(opts):
     if "RANK" not in os.environ:
         return 0, 1
     if not dist.is_initialized():
-        cuda = torch.cuda.is_available() and opts.device in ("auto", "cuda")
-        if cuda:
+        device = opts.device if opts.device != "auto" else getattr(torch.accelerator.current_accelerator(), "type", "cpu")
+        if device == "cuda":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl" if cuda else "gloo")
+        elif device != "cpu":  # gloo cannot reduce MPS tensors
+            raise BadInput(f"--device {device}: torchrun runs on CUDA GPUs (nccl) or on the CPU (gloo, --device cpu)")
+        # rank 0 evaluates alone while the others wait in the next collective: longer than the default 10-30 minutes
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -19,10 +19,11 @@ tt = tv.tt  # train_tiny.py
 
 def scores(model, text, preprocess, video, captions):
     """The VTM match logit of each caption with the video file: (len(captions),)."""
-    clip = tv.load_clip(video, model.cfg.frames, model.cfg.image_size, preprocess=preprocess)  # (t, 3, H, W)
-    ids, mask = text(captions)
+    dev = next(model.parameters()).device
+    clip = tv.load_clip(video, model.cfg.frames, model.cfg.image_size, preprocess=preprocess).to(dev)  # (t, 3, H, W)
+    ids, mask = text(captions, dev)
     with torch.no_grad():
-        return model.match_score(model(clip.expand(len(captions), -1, -1, -1, -1), ids, mask).pooled)
+        return model.match_score(model(clip.expand(len(captions), -1, -1, -1, -1), ids, mask).pooled).cpu()
 
 
 def main(argv=None):
@@ -31,8 +32,9 @@ def main(argv=None):
     p.add_argument("captions", nargs="+", help="the captions to score")
     p.add_argument("--ckpt", required=True, help="a train_tiny.py ckpt.pt, or an official checkpoint (with --vocab)")
     p.add_argument("--vocab", default="", help="the BERT vocab.txt of an official checkpoint")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cuda | mps | cpu")
     args = p.parse_args(argv)
-    model, text, preprocess, untrained = tv.load_model(args.ckpt, args.vocab)
+    model, text, preprocess, untrained = tv.load_model(args.ckpt, args.vocab, args.device)
     if "vtm_head" in untrained:
         print(f"note: {args.ckpt} has a VTM head that was never trained: these scores mean nothing", file=sys.stderr)
     for score, caption in sorted(zip(scores(model, text, preprocess, args.video, args.captions).tolist(), args.captions),

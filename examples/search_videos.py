@@ -47,7 +47,7 @@ def cache_key(ckpt, cfg, preprocess):  # what the embeddings depend on, besides 
 def embed_folder(model, preprocess, folder, paths, key, batch=16):
     """The video-only embedding of every readable file: (paths kept, (n, dim) embeddings, files embedded now, files
     that failed); unchanged files' embeddings come from the cache, which is then written anew."""
-    folder, cfg = Path(folder), model.cfg
+    folder, cfg, dev = Path(folder), model.cfg, next(model.parameters()).device
     stats = {p: (folder / p).stat() for p in paths}
     cached = {}
     try:
@@ -69,7 +69,7 @@ def embed_folder(model, preprocess, folder, paths, key, batch=16):
                 failed.append(str(e))
         if clips:
             with torch.no_grad():
-                features = model.video_proj(model.encode_video(torch.stack(clips)).video[:, 0])
+                features = model.video_proj(model.encode_video(torch.stack(clips).to(dev)).video[:, 0]).cpu()
             keep.update(zip(names, features))
         meter(len(todo[start: start + batch]))
     kept = [p for p in paths if p in keep]
@@ -85,11 +85,11 @@ def embed_folder(model, preprocess, folder, paths, key, batch=16):
 
 def match_scores(model, text, preprocess, folder, paths, query):
     """The joint pass of the query with each file: VTM match logits, (len(paths),)."""
-    cfg = model.cfg
+    cfg, dev = model.cfg, next(model.parameters()).device
     clips = torch.stack([tv.load_clip(Path(folder) / p, cfg.frames, cfg.image_size, preprocess=preprocess) for p in paths])
-    ids, mask = text([query] * len(paths))
+    ids, mask = text([query] * len(paths), dev)
     with torch.no_grad():
-        return model.match_score(model(clips, ids, mask).pooled)
+        return model.match_score(model(clips.to(dev), ids, mask).pooled).cpu()
 
 
 def search(model, text, preprocess, untrained, folder, queries, top, key):
@@ -102,9 +102,9 @@ def search(model, text, preprocess, untrained, folder, queries, top, key):
           + (f"; {len(failed)} skipped (could not be read), for example: {failed[0]}" if failed else ""), file=sys.stderr)
     if not kept:
         raise tt.BadInput(f"{folder}: none of its {len(paths)} videos could be read")
-    ids, mask = text(queries)
+    ids, mask = text(queries, next(model.parameters()).device)
     with torch.no_grad():
-        queries_emb = model.text_proj(model.encode_text(ids, mask).text[:, 0])
+        queries_emb = model.text_proj(model.encode_text(ids, mask).text[:, 0]).cpu()
     sim = cosine_similarity(queries_emb, videos)  # (queries, videos)
     results = []
     for query, row in zip(queries, sim):
@@ -134,10 +134,11 @@ def joint_search(model, text, preprocess, folder, paths, queries, top, batch=16)
     for query in queries:
         match = []
         for s in range(0, len(kept), batch):
-            video = tt.normalize(torch.stack(clips[s: s + batch]), preprocess)
-            ids, mask = text([query] * len(video))
+            dev = next(model.parameters()).device
+            video = tt.normalize(torch.stack(clips[s: s + batch]).to(dev), preprocess)
+            ids, mask = text([query] * len(video), dev)
             with torch.no_grad():
-                match.append(model.match_score(model(video, ids, mask).pooled))
+                match.append(model.match_score(model(video, ids, mask).pooled).cpu())
         match = torch.cat(match)
         results.append([(kept[i], None, match[i].item()) for i in match.argsort(descending=True)[:top].tolist()])
     return results
@@ -150,10 +151,11 @@ def main(argv=None):
     p.add_argument("--ckpt", required=True, help="a train_tiny.py ckpt.pt, or an official checkpoint (with --vocab)")
     p.add_argument("--vocab", default="", help="the BERT vocab.txt of an official checkpoint")
     p.add_argument("--top", type=int, default=10, help="videos to re-rank with the joint pass and print (default 10)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cuda | mps | cpu")
     args = p.parse_args(argv)
     if args.top < 1:
         p.error(f"--top must be at least 1, got {args.top}")
-    model, text, preprocess, untrained = tv.load_model(args.ckpt, args.vocab)
+    model, text, preprocess, untrained = tv.load_model(args.ckpt, args.vocab, args.device)
     start = time.perf_counter()
     results = search(model, text, preprocess, untrained, args.folder, args.queries, args.top,
                      cache_key(args.ckpt, model.cfg, preprocess))

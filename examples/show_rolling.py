@@ -42,7 +42,7 @@ def recorded_attention(model):
         x, mask = args[0], args[1] if len(args) > 1 else None
         q, k, _ = rearrange(attn.qkv(x), "b s (k h e) -> k b h s e", k=3, h=attn.heads)
         scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
-        weights.append((scores if mask is None else scores.masked_fill(~mask, -math.inf)).softmax(-1))
+        weights.append((scores if mask is None else scores.masked_fill(~mask, -math.inf)).softmax(-1).float().cpu())
 
     hooks = [block.attn.register_forward_pre_hook(hook) for block in model.blocks]
     try:
@@ -83,10 +83,11 @@ def analyse(model, text, preprocess, video, captions, words):
     started in, and the share of each word's patch attention that lands on travelled tokens, and on the slots rolling
     fills from other frames whatever the mode (clips, words): for none, the share those slots get when nothing moves."""
     cfg, (b, t), n = model.cfg, video.shape[:2], model.cfg.tokens_per_frame
+    dev = next(model.parameters()).device
     ids, mask = text(captions)
     positions = [[word_position(text, c, w) for _, w in ws] for c, ws in zip(captions, words)]
     with torch.no_grad(), recorded_attention(model) as weights:
-        model(tt.normalize(video, preprocess), ids, mask)
+        model(tt.normalize(video.to(dev), preprocess), ids.to(dev), mask.to(dev))
     if cfg.temporal == "roll":
         origins = token_origins(t, n, cfg.fold_div, cfg.depth)
     else:  # nothing travels
@@ -152,12 +153,13 @@ def main(argv=None):
     p.add_argument("--video", default="", help="a video file (default: synthetic clips, one per motion)")
     p.add_argument("--caption", default="", help="with --video: its caption")
     p.add_argument("--word", default="", help="with --video: the caption's word whose attention is drawn")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cuda | mps | cpu")
     args = p.parse_args(argv)
     if args.video and not (args.caption and args.word):
         p.error("--video needs --caption and --word")
     columns = []
     for path in args.checkpoints:
-        model, text, preprocess, _ = tv.load_model(path, args.vocab)
+        model, text, preprocess, _ = tv.load_model(path, args.vocab, args.device)
         cfg = model.cfg
         if args.block is not None and not 0 <= args.block < cfg.depth:
             p.error(f"--block {args.block}: {path} has blocks 0 to {cfg.depth - 1}")

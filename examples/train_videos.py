@@ -554,7 +554,8 @@ class Clips:
                 self.skipped.stop("20 rows in a row failed to load")
             self.skipped.add(failures, len(video))
             rows = [self.rows[i] for i in index]
-            batch = dict(video=normalize(video.to(dev, non_blocking=True), self.preprocess))
+            # non-blocking only from pinned memory (CUDA): from pageable memory, MPS may copy a buffer already freed
+            batch = dict(video=normalize(video.to(dev, non_blocking=video.is_pinned()), self.preprocess))
             g = torch.Generator().manual_seed(hash((o.seed, step, self.rank)) % 2**62)
             if o.task == "pretrain":
                 ids, mask = self.tokens([r["caption"] for r in rows], dev)
@@ -715,9 +716,10 @@ def write_image(file, img):
 # For the other example scripts
 
 
-def load_model(path, vocab=""):
-    """Any checkpoint, ours or official (with its BERT vocab.txt): (the model in eval mode, its Tokens, its frame
-    preprocessing, the heads it never trained). Bad files are a BadInput naming them."""
+def load_model(path, vocab="", device="cpu"):
+    """Any checkpoint, ours or official (with its BERT vocab.txt), on the device (auto: as train_tiny.py picks): (the
+    model in eval mode, its Tokens, its frame preprocessing, the heads it never trained). Bad files are a BadInput
+    naming them."""
     opts = tt.Options(init=str(path), vocab=str(vocab or ""), **tt.TASK_DEFAULTS["pretrain"])
     if not Path(path).is_file():
         raise BadInput(f"{path}: no such checkpoint")
@@ -727,7 +729,8 @@ def load_model(path, vocab=""):
         raise BadInput(str(e).removeprefix("--init: ").replace("--init ", "")) from None
     tokenizer = start.tokenizer if start.ours else tt.make_tokenizer(opts.vocab, [])
     model, untrained, _ = tt.build_model(opts, start, tokenizer.get_vocab_size(), 0)
-    return model.eval(), tt.Tokens(tokenizer, model.cfg.max_text_len), tt.preprocess_for(opts, start), untrained
+    model = model.to(tt.pick_device(device)).eval()
+    return model, tt.Tokens(tokenizer, model.cfg.max_text_len), tt.preprocess_for(opts, start), untrained
 
 
 if __name__ == "__main__":
