@@ -1994,7 +1994,7 @@ def test_score_video_with_our_checkpoint_and_an_official_one(tmp_path, monkeypat
         by_hand = model.match_score(model(torch.stack([clip] * 3), ids, mask).pooled)
     assert torch.allclose(expected, by_hand, atol=1e-6)
     capsys.readouterr()
-    script(score.main, [str(video), *captions, "--ckpt", str(tmp_path / "run" / "ckpt.pt")])
+    script(score.main, [str(video), *captions, "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--device", "cpu"])
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(None, 1)[1] for line in lines] == [captions[i] for i in expected.argsort(descending=True)]
     assert [float(line.split()[0]) for line in lines] == [round(v, 2) for v in sorted(expected.tolist(), reverse=True)]
@@ -2008,6 +2008,9 @@ def test_score_video_with_our_checkpoint_and_an_official_one(tmp_path, monkeypat
                           ([str(video), "x", "--ckpt", str(ckpt)], "needs its BERT vocabulary, --vocab vocab.txt")]:
         with pytest.raises(SystemExit, match=message):
             script(score.main, argv)
+    with pytest.raises(SystemExit):  # argparse's one line: --device: invalid choice
+        script(score.main, [str(video), "x", "--ckpt", str(ckpt), "--device", "tpu"])
+    assert "argument --device: invalid choice: 'tpu'" in capsys.readouterr().err
 
 
 def test_search_videos_caches_embeddings_skips_bad_files_and_falls_back_without_projections(tmp_path, monkeypatch,

@@ -32,7 +32,7 @@ def main(argv=None):
     p.add_argument("captions", nargs="+", help="the captions to score")
     p.add_argument("--ckpt", required=True, help="a train_tiny.py ckpt.pt, or an official checkpoint (with --vocab)")
     p.add_argument("--vocab", default="", help="the BERT vocab.txt of an official checkpoint")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cuda | mps | cpu")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="auto: cuda, then mps, then cpu")
     args = p.parse_args(argv)
     model, text, preprocess, untrained = tv.load_model(args.ckpt, args.vocab, args.device)
     if "vtm_head" in untrained:

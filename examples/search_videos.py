@@ -151,7 +151,7 @@ def main(argv=None):
     p.add_argument("--ckpt", required=True, help="a train_tiny.py ckpt.pt, or an official checkpoint (with --vocab)")
     p.add_argument("--vocab", default="", help="the BERT vocab.txt of an official checkpoint")
     p.add_argument("--top", type=int, default=10, help="videos to re-rank with the joint pass and print (default 10)")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cuda | mps | cpu")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="auto: cuda, then mps, then cpu")
     args = p.parse_args(argv)
     if args.top < 1:
         p.error(f"--top must be at least 1, got {args.top}")

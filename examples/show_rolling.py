@@ -153,7 +153,7 @@ def main(argv=None):
     p.add_argument("--video", default="", help="a video file (default: synthetic clips, one per motion)")
     p.add_argument("--caption", default="", help="with --video: its caption")
     p.add_argument("--word", default="", help="with --video: the caption's word whose attention is drawn")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cuda | mps | cpu")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="auto: cuda, then mps, then cpu")
     args = p.parse_args(argv)
     if args.video and not (args.caption and args.word):
         p.error("--video needs --caption and --word")
