@@ -170,9 +170,11 @@ def render(captions, frames, size, generator):
     def uniform(lo, hi, *shape):
         return lo + (hi - lo) * torch.rand(*(shape or (b,)), generator=g, device=dev)
 
-    colour, shape, motion = zip(*(CAPTIONS[i] for i in captions))
-    step = torch.tensor([MOTIONS[m] if isinstance(MOTIONS[m], tuple) else (0, 0) for m in motion], dtype=torch.float,
-                        device=dev)
+    colours, shapes, motions = zip(*(CAPTIONS[i] for i in captions))
+    kinds = ["moves", "appears", "disappears"]
+    table = to_device(torch.tensor([[*(MOTIONS[m] if m.startswith("moves") else (0, 0)), kinds.index(m.split()[0]),
+                                     *COLOURS[c]] for c, m in zip(colours, motions)]), dev)  # (b, 6), one copy
+    step, kind, colour = table[:, :2], table[:, 2, None], table[:, 3:]
     r = uniform(0.16, 0.20) * s  # half the shape's size
     speed = uniform(0.10, 0.16) * s  # pixels per frame
     travel = step * (speed * (frames - 1))[:, None]  # (b, 2)
@@ -181,18 +183,16 @@ def render(captions, frames, size, generator):
     t = torch.arange(frames, dtype=torch.float, device=dev)
     centre = start[:, None] + step[:, None] * speed[:, None, None] * t[None, :, None]  # (b, t, 2)
     cut = torch.randint(1, frames, (b, 1), generator=g, device=dev)  # appears at / disappears from this frame
-    always = torch.ones(frames, dtype=torch.bool, device=dev)
-    visible = torch.stack([always if m.startswith("moves") else (t >= cut[i]) if m == "appears" else (t < cut[i])
-                           for i, m in enumerate(motion)])
+    visible = torch.where(kind == 1, t >= cut, torch.where(kind == 2, t < cut, True))  # (b, t)
     yx = torch.arange(s, dtype=torch.float, device=dev) + 0.5
     dx = yx[None, None, None, :] - centre[..., 0, None, None]  # (b, t, 1, s)
     dy = yx[None, None, :, None] - centre[..., 1, None, None]  # (b, t, s, 1)
     inside = torch.zeros(b, frames, s, s, dtype=torch.bool, device=dev)
     for name, covers in SHAPES.items():
-        i = torch.tensor([k for k in range(b) if shape[k] == name], dtype=torch.long, device=dev)
+        i = to_device(torch.tensor([k for k in range(b) if shapes[k] == name], dtype=torch.long), dev)  # its clips
         inside[i] = covers(dx[i], dy[i], r[i, None, None, None])
     inside &= visible[:, :, None, None]  # (b, t, s, s)
-    fg = torch.tensor([COLOURS[c] for c in colour], device=dev) + uniform(-0.08, 0.08, b, 3)
+    fg = colour + uniform(-0.08, 0.08, b, 3)
     bg = uniform(0.0, 0.45, b, 1) + uniform(-0.1, 0.1, b, 3)  # a dull background colour
     video = torch.where(inside[:, :, None], fg[:, None, :, None, None], bg[:, None, :, None, None])
     noise = uniform(0.01, 0.06, b)[:, None, None, None, None]  # its strength, per clip
@@ -242,8 +242,14 @@ NORMS = {  # preprocess -> per-channel mean and std of pixels in [0, 1]
 def normalize(video, preprocess):
     """Model input from pixels: uint8, or float in [0, 1]; (..., 3, H, W)."""
     x = video.float() / 255 if video.dtype == torch.uint8 else video
-    mean, std = (torch.tensor(v, device=x.device)[:, None, None] for v in NORMS[preprocess])
+    mean, std = (to_device(torch.tensor(v)[:, None, None], x.device) for v in NORMS[preprocess])
     return (x - mean) / std
+
+
+def to_device(x, device):
+    """A tensor on the device: to a GPU from pinned memory, without waiting (a copy from pageable memory waits until
+    the GPU has done all it was given)."""
+    return x.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else x.to(device)
 
 
 # -----------------------------------------------------------------------------
@@ -388,7 +394,7 @@ class Synthetic:
         pixels = torch.Generator(self.device).manual_seed(int(torch.randint(2**62, (1,), generator=g)))
         video = render(captions.tolist(), self.cfg.frames, self.cfg.image_size, pixels)
         batch["video"] = normalize(video, self.preprocess)
-        return {k: (v if k in self.shared else v[self.rank:: self.world]).to(self.device) for k, v in batch.items()}
+        return {k: to_device(v if k in self.shared else v[self.rank:: self.world], self.device) for k, v in batch.items()}
 
     def pretrain_batch(self, captions, step, g):
         opts, n = self.opts, len(CAPTIONS)
@@ -482,7 +488,8 @@ def train(opts, Data=Synthetic):
         if ckpt.untrained:
             say(f"heads this run does not train, never trained before: {', '.join(ckpt.untrained)}")
         optimizer, params = make_optimizer(model, trained, opts, device)  # the other heads are frozen
-        torch.manual_seed(hash((opts.seed, rank)) % 2**62)  # dropout: each process its own masks
+        if rank:  # dropout: each process its own masks (process 0 goes on as a run of one process does)
+            torch.manual_seed(hash((opts.seed, rank)) % 2**62)
         if ckpt.optimizer:  # resuming: the optimizer, the loss scaler and the random state as they were saved
             optimizer.load_state_dict(ckpt.optimizer)
             if ckpt.scaler:  # (empty from an fp32 or bf16 run, which another device may resume in fp16)

@@ -554,26 +554,25 @@ class Clips:
                 self.skipped.stop("20 rows in a row failed to load")
             self.skipped.add(failures, len(video))
             rows = [self.rows[i] for i in index]
-            # non-blocking only from pinned memory (CUDA): from pageable memory, MPS may copy a buffer already freed
-            batch = dict(video=normalize(video.to(dev, non_blocking=video.is_pinned()), self.preprocess))
+            batch = dict(video=video)  # made on the CPU, then copied to the device without waiting (tt.to_device)
             g = torch.Generator().manual_seed(hash((o.seed, step, self.rank)) % 2**62)
             if o.task == "pretrain":
-                ids, mask = self.tokens([r["caption"] for r in rows], dev)
+                ids, mask = self.tokens([r["caption"] for r in rows])
                 other, labels = vtm_batch(torch.arange(o.vtm_clips // self.world), generator=g)  # half: another's caption
-                batch.update(vtm_ids=ids[other.to(dev)], vtm_mask=mask[other.to(dev)], vtm_labels=labels.to(dev),
-                             text_ids=ids, text_mask=mask)
+                batch.update(vtm_ids=ids[other], vtm_mask=mask[other], vtm_labels=labels, text_ids=ids, text_mask=mask)
                 k = o.mlm_clips // self.world
                 if k:
-                    masked, labels = self.tokens.mask_words(ids[:k].cpu(), mask[:k].cpu(), self.cfg.vocab_size, g)
-                    batch.update(mlm_ids=masked.to(dev), mlm_mask=mask[:k], mlm_labels=labels.to(dev))
+                    masked, labels = self.tokens.mask_words(ids[:k], mask[:k], self.cfg.vocab_size, g)
+                    batch.update(mlm_ids=masked, mlm_mask=mask[:k], mlm_labels=labels)
             elif o.task == "mc":
-                ids, mask = self.tokens([t for r in rows for t in r["options"]], dev)
+                ids, mask = self.tokens([t for r in rows for t in r["options"]])
                 batch.update(options_ids=ids.view(len(rows), -1, ids.shape[1]), options_mask=mask.view(len(rows), -1, ids.shape[1]),
-                             answer=torch.tensor([r["answer"] for r in rows], device=dev))
+                             answer=torch.tensor([r["answer"] for r in rows]))
             else:
-                ids, mask = self.tokens([r["question"] for r in rows], dev)
-                batch.update(question_ids=ids, question_mask=mask,
-                             answer=torch.tensor([self.answers[r["answer"]] for r in rows], device=dev))
+                ids, mask = self.tokens([r["question"] for r in rows])
+                batch.update(question_ids=ids, question_mask=mask, answer=torch.tensor([self.answers[r["answer"]] for r in rows]))
+            batch = {k: tt.to_device(v, dev) for k, v in batch.items()}
+            batch["video"] = normalize(batch["video"], self.preprocess)
             yield batch
 
     def held_out(self):
