@@ -1819,7 +1819,7 @@ def test_rows_are_columns_and_the_held_out_videos_follow_the_seeded_rule(tmp_pat
     assert len(data["train"]) == 19_000 and not {r["video"] for r in data["train"]} & set(videos[:200])
 
 
-def test_training_on_a_folder_with_bad_files_finishes_and_reports_them(tmp_path, capsys, main=tv.main):
+def test_training_on_a_folder_with_bad_files_finishes_and_reports_them(tmp_path, capsys):
     bad = make_bad_files(tmp_path)
     for i in range(8):
         make_video(tmp_path / f"clip{i}.mp4", n=12, w=40, h=32, codec="mpeg4")
@@ -1841,7 +1841,20 @@ def test_training_on_a_folder_with_bad_files_finishes_and_reports_them(tmp_path,
         train_videos(argv[:1] + [str(tmp_path / "bad.csv")] + argv[2:] + ["--max-bad-share", "0.1", "--restart"])
 
 
-def test_every_bad_file_is_named_once_when_nothing_loads(tmp_path, capsys, main=tv.main):
+def test_with_compile_every_batch_of_texts_has_one_length(tmp_path):
+    names = make_clips(tmp_path, 4)
+    write(tmp_path / "c.csv", "video,caption\n" + "\n".join(f"{v},{' '.join(['word'] * (i + 1))}" for i, v in
+                                                           enumerate(names)) + "\n")
+    for compile, lengths in ((False, {3, 4, 5, 6}), (True, {16})):  # [CLS] words [SEP]; nano's max_text_len
+        opts = tt.parse_options(["--data", str(tmp_path / "c.csv"), "--val-data", str(tmp_path / "c.csv"), "--batch",
+                                 "2", "--vtm-clips", "2", "--mlm-clips", "2", "--steps", "4", "--workers", "0"]
+                                + ["--compile"] * compile, tv.VideoOptions)
+        _, _, data, _ = tt.setup(opts, torch.device("cpu"), tv.Clips)
+        seen = {b[k].shape[1] for b in data.batches(0) for k in ("text_ids", "vtm_ids", "mlm_ids")}
+        assert seen <= lengths and (len(seen) > 1) != compile, (compile, seen)
+
+
+def test_every_bad_file_is_named_once_when_nothing_loads(tmp_path, capsys):
     bad = make_bad_files(tmp_path)
     names = make_clips(tmp_path, 1)
     write(tmp_path / "bad.csv", "video,caption\n" + "\n".join(f"{n},x" for n in bad * 4) + "\n")
@@ -1854,7 +1867,7 @@ def test_every_bad_file_is_named_once_when_nothing_loads(tmp_path, capsys, main=
     assert len(named) == 5 and all(err.count(name) == 1 for name in named)
 
 
-def test_held_out_clips_with_several_captions_are_evaluated_by_clip(tmp_path, capsys, main=tv.main):
+def test_held_out_clips_with_several_captions_are_evaluated_by_clip(tmp_path, capsys):
     names = make_clips(tmp_path, 6)
     train = [f"{v},clip {i} seen from the left" for i, v in enumerate(names[:4])]
     val = [f"{v},caption {k} of clip {i}" for i, v in enumerate(names[4:]) for k in range(3)]
@@ -1897,7 +1910,7 @@ def test_held_out_clips_with_several_captions_are_evaluated_by_clip(tmp_path, ca
     assert "mc_acc" in out
 
 
-def test_fine_tuning_on_your_files_multiple_choice_and_qa(tmp_path, capsys, main=tv.main):
+def test_fine_tuning_on_your_files_multiple_choice_and_qa(tmp_path, capsys):
     names = make_clips(tmp_path, 5)
     write(tmp_path / "cap.csv", "video,caption\n" + "\n".join(f"{v},clip {i}" for i, v in enumerate(names)) + "\n")
     flags = ["--batch", "4", "--vtm-clips", "2", "--mlm-clips", "0", "--steps", "2", "--log-every", "1", "--workers", "0",

@@ -530,6 +530,8 @@ class Clips:
     def prepare(self, opts, cfg, tokens, preprocess, answers, device):
         self.opts, self.cfg, self.tokens, self.preprocess, self.device = opts, cfg, tokens, preprocess, device
         self.answers = {a: i for i, a in enumerate(answers)}
+        if opts.compile:  # texts padded to one length: torch.compile would compile the step again for new lengths
+            tokens.tok.enable_padding(pad_id=tokens.special_ids[0], pad_token="[PAD]", length=cfg.max_text_len)
         everything = len(self.rows)
         if opts.task == "qa":  # train only on answers in the vocabulary (--answers N)
             self.rows = self.rows.take(np.array([r["answer"] in self.answers for r in self.rows], bool))
