@@ -1624,6 +1624,13 @@ def test_torchrun_ablation_and_your_own_videos_with_two_processes(tmp_path):
     assert videos.returncode == 0, videos.stderr[-3000:]
     assert "2 process(es)" in videos.stdout and videos.stdout.count("eval step 2") == 1
     assert ckpt_of(tmp_path / "videos")["step"] == 2
+    tv.main(["--samples", "72", "--out", str(tmp_path / "world72")])  # 3 shards: 2 processes x 1 worker read 2 of them
+    shards = subprocess.run([*torchrun, str(HERE / "examples" / "train_videos.py"), *QUICK, "--steps", "2", "--data",
+                             str(tmp_path / "world72" / "shards" / "{00000..00001}.tar"), "--val-data",
+                             str(tmp_path / "world72" / "shards" / "00002.tar"), "--workers", "1", "--out",
+                             str(tmp_path / "shards")], capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert shards.returncode == 0 and "2 process(es)" in shards.stdout, shards.stderr[-3000:]
+    assert shards.stdout.count("eval step 2") == 1 and ckpt_of(tmp_path / "shards")["step"] == 2
 
 
 # --- real clips: frames, as ours and as an official checkpoint saw them ----------------------------------------------
@@ -1938,6 +1945,97 @@ def test_fine_tuning_on_your_files_multiple_choice_and_qa(tmp_path, capsys):
                                       "--out", str(tmp_path / "mc")], capsys, main=tv.main)
     assert code == 0, err
     assert "mc_acc" in json.loads((tmp_path / "mc" / "metrics.jsonl").read_text()) and ckpt_of(tmp_path / "mc")["config"]["mc_head"]
+
+
+# --- WebDataset shards -----------------------------------------------------------------------------------------------
+
+
+def test_shards_the_world_writes_train_and_evaluate_as_its_files(tmp_path, capsys, one_thread):
+    tv.main(["--samples", "40", "--out", str(tmp_path / "world")])
+    shards = sorted(p.name for p in (tmp_path / "world" / "shards").iterdir())
+    assert shards == ["00000.tar", "00001.tar"]  # 32 samples a shard
+    with tv.tarfile.open(tmp_path / "world" / "shards" / "00001.tar") as tar:
+        names = tar.getnames()
+        meta = json.loads(tar.extractfile("000010007.json").read())
+    assert names[:3] == ["000010000.mp4", "000010000.txt", "000010000.json"] and len(names) == 3 * 8
+    assert meta == dict(url=str(tmp_path / "world" / "clips" / "clip00039.mp4"), caption=tt.caption_text(39),
+                        key="000010007", status="success")
+    flags = ["--batch", "4", "--vtm-clips", "2", "--mlm-clips", "2", "--log-every", "1", "--device", "cpu"]
+    code, out, err = run_cli(flags + ["--data", str(tmp_path / "world" / "shards" / "00000.tar"), "--val-data",
+                                      str(tmp_path / "world" / "shards" / "{00001..00001}.tar"), "--steps", "3",
+                                      "--workers", "1", "--out", str(tmp_path / "run")], capsys, main=tv.main)
+    assert code == 0 and "eval step 3" in out and "clips 8 captions 8" in out, err
+    # the same checkpoint on the same clips, through the shards and through the files: the same metrics
+    rows = []
+    for name, val in (("shards", str(tmp_path / "world" / "shards")), ("files", str(tmp_path / "world" / "captions.csv"))):
+        code, _, err = run_cli(["--eval-only", "--init", str(tmp_path / "run" / "ckpt.pt"), "--val-data", val,
+                                "--workers", "0", "--out", str(tmp_path / name)], capsys, main=tv.main)
+        assert code == 0, err
+        rows.append({k: v for k, v in json.loads((tmp_path / name / "metrics.jsonl").read_text()).items()
+                     if k != "checkpoint"})
+    assert rows[0] == rows[1] and rows[0]["clips"] == 40 and "t2v_r1" in rows[0]
+
+
+def video2dataset_shard(path, clips, captions, how):
+    """A shard as video2dataset writes it, with plain tarfile: per key .mp4, .txt and .json; how[i] leaves out
+    what sample i lacks ("txt": its caption only in the .json; "mp4": no video)."""
+    with tv.tarfile.open(path, "w") as tar:
+        for i, (clip, caption) in enumerate(zip(clips, captions)):
+            key = f"{path.stem}{i:04d}"
+            files = {"mp4": clip.read_bytes(), "txt": caption.encode(),
+                     "json": json.dumps(dict(url=f"http://x/{i}", caption=caption, key=key, status="success")).encode()}
+            for ext, data in files.items():
+                if ext != how.get(i):
+                    info = tv.tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_video2dataset_shards_json_captions_missing_videos_and_a_truncated_shard(tmp_path, capsys):
+    clips = [tmp_path / name for name in make_clips(tmp_path, 6)]
+    captions = [f"clip {i} of the set" for i in range(6)]
+    video2dataset_shard(tmp_path / "00000.tar", clips, captions, {1: "txt", 4: "mp4"})
+    whole = video2dataset_shard(tmp_path / "00001.tar", clips[::-1], captions[::-1], {}).read_bytes()
+    (tmp_path / "00002.tar").write_bytes(whole[: len(whole) // 2])  # cut off in the middle of a sample
+    video2dataset_shard(tmp_path / "val.tar", clips[:3], captions[:3], {0: "txt"})
+    failures = []
+    samples = list(tv.shard_samples(str(tmp_path / "00000.tar"), failures))
+    assert [k for k, _ in samples] == [f"00000{i:04d}" for i in range(6)] and not failures
+    found = [tv.sample_of("s", k, files) for k, files in samples]
+    assert found[1][2] == "clip 1 of the set" and found[4] == "s sample 000000004: no video"  # caption from the .json
+    assert len(list(tv.shard_samples(str(tmp_path / "00002.tar"), failures))) < 6 and "ends early" in failures[0][1]
+    code, out, err = run_cli(["--data", str(tmp_path / "{00000..00002}.tar"), "--val-data", str(tmp_path / "val.tar"),
+                              "--batch", "4", "--vtm-clips", "2", "--mlm-clips", "2", "--steps", "4", "--log-every", "1",
+                              "--workers", "1", "--max-bad-share", "0.5", "--device", "cpu", "--out",
+                              str(tmp_path / "run")], capsys, main=tv.main)
+    assert code == 0 and "eval step 4" in out and "clips 3 captions 3" in out, err
+    assert "no video" in out and "ends early" in out and "skipped" in out.splitlines()[-3]
+    # bad input: one line each
+    for argv, message in [(["--data", str(tmp_path / "{00000..00009}.tar")], "no such shard"),
+                          (["--data", str(tmp_path / "00000.tar"), "--workers", "2"], "1 shard(s) for 1 process(es) x 2"),
+                          (["--data", str(tmp_path / "00000.tar"), "--task", "qa"], "shards hold captions: --task pretrain"),
+                          (["--data", str(tmp_path / "00000.tar"), "--val-data", str(clips[0])], "shards hold captions")]:
+        argv += [] if "--val-data" in argv else ["--val-data", str(tmp_path / "val.tar")]
+        code, _, err = run_cli(argv + ["--out", str(tmp_path / "bad")], capsys, main=tv.main)
+        assert code == 1 and message in err and "Traceback" not in err, (argv, err)
+
+
+def test_shard_readers_take_disjoint_shares_and_a_new_order_each_pass(tmp_path):
+    tv.main(["--samples", "96", "--out", str(tmp_path)])  # 3 shards of 32
+    shards = tv.shard_list(str(tmp_path / "shards"), "--data")
+    cfg = Config.preset("nano")
+
+    def names(rank, world, n, start=0):  # shard:key of the first n samples process rank reads
+        stream = tv.ShardStream(shards, cfg, "ours", 0, start, rank, world, buffer=8)
+        return [name for (_, _, name, _), _ in zip(stream, range(n))]
+
+    one = names(0, 1, 192)
+    everything = sorted(f"{shard}:{k // 32:05d}{k % 32:04d}" for shard, k in zip(sorted(shards * 32), range(96)))
+    assert sorted(one[:96]) == sorted(one[96:]) == everything and one[:96] != one[96:]  # each pass all once, reordered
+    first, second = names(0, 2, 64), names(1, 2, 32)  # 3 shards: process 0 reads 2 of them a pass, process 1 one
+    assert not set(first) & set(second) and sorted(first + second) == everything
+    assert names(0, 1, 20) == one[:20] and names(0, 1, 20, start=5) != one[:20]  # seeded; a resumed run: a new pass
 
 
 # =====================================================================================================================

@@ -21,6 +21,7 @@ import json
 import math
 import random
 import sys
+import tarfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ class VideoOptions(tt.Options):
     video_root: str = option("", "folder the video paths are relative to (default: the data file's)")
     answers: int = option(0, "--task qa: the N most frequent training answers are the classes (0: every answer)")
     workers: int = option(2, "DataLoader processes decoding clips (0: in the main process)")
+    shuffle_buffer: int = option(100, "WebDataset shards: samples each shard reader shuffles among (1: shard order)")
     max_bad_share: float = option(0.1, "stop when more than this share of clips fail to load")
     samples: int = option(0, "write OUT/samples.png of training clips (synthetic: also this many clips as videos with "
                              "data files); stop")
@@ -56,16 +58,21 @@ class VideoOptions(tt.Options):
     may_change_to_evaluate = tt.Options.may_change_to_evaluate | {"val_data", "video_root"}
 
     def checks(self, need):
-        for name in ("data", "val_data"):
-            need(not getattr(self, name) or Path(getattr(self, name)).is_file(),
+        for name in ("data", "val_data"):  # shards: a .tar, a brace pattern or a folder (shard_list checks them)
+            need(not getattr(self, name) or Path(getattr(self, name)).is_file() or is_shards(getattr(self, name)),
                  f"{tt.flag(name)} {getattr(self, name)}: no such file")
         need(tt.finite(self.val_share) and 0 < self.val_share < 1, f"--val-share must be between 0 and 1, got {self.val_share}")
         need(tt.finite(self.max_bad_share) and 0 <= self.max_bad_share <= 1,
              f"--max-bad-share must be between 0 and 1, got {self.max_bad_share}")
+        need(self.shuffle_buffer >= 1, f"--shuffle-buffer must be at least 1, got {self.shuffle_buffer}")
         for name in ("answers", "workers", "samples"):
             need(getattr(self, name) >= 0, f"{tt.flag(name)} must be 0 or more, got {getattr(self, name)}")
         need(self.data or self.val_data or self.samples, "no data: --data (and --val-data), or --val-data with "
                                                          "--eval-only; python train_tiny.py trains on synthetic clips")
+
+
+def data_class(opts):  # WebDataset shards, or data files
+    return Shards if is_shards(opts.data) or is_shards(opts.val_data) else Clips
 
 
 def main(argv=None):
@@ -74,7 +81,7 @@ def main(argv=None):
         if opts.samples:
             write_samples(opts)
         else:
-            tt.run(opts, Clips)
+            tt.run(opts, data_class(opts))
 
 
 # -----------------------------------------------------------------------------
@@ -180,12 +187,13 @@ def pillow_weights(n_in, n_out):
     return np.trunc(out * (1 << 22) + 0.5).astype(np.int64)  # C's (int)(0.5 + w * 2^22), all w >= 0
 
 
-def decode_clip(path, num_frames, size, train=False, start=None, end=None, generator=None, preprocess="ours"):
+def decode_clip(path, num_frames, size, train=False, start=None, end=None, generator=None, preprocess="ours", data=None):
     """num_frames frames of a video as uint8 (num_frames, 3, size, size), picked among the frames whose time (seconds
     from the first frame) lies in [start, end). Training picks random frames of each segment and a random crop (from
-    generator); evaluation the segment middles and the centre. An image file is one frame, repeated. Raises ClipError."""
+    generator); evaluation the segment middles and the centre. An image file is one frame, repeated. data: the file's
+    bytes, decoded from memory (path then only names it). Raises ClipError."""
     try:
-        with av.open(str(path)) as container:
+        with av.open(str(path) if data is None else io.BytesIO(data)) as container:
             if not container.streams.video:
                 raise ClipError("no video stream")
             stream = container.streams.video[0]
@@ -536,11 +544,14 @@ class Clips:
         if opts.task == "qa":  # train only on answers in the vocabulary (--answers N)
             self.rows = self.rows.take(np.array([r["answer"] in self.answers for r in self.rows], bool))
         if self.rank == 0:
-            print(f"{opts.data or opts.val_data}: {len(self.rows)} training and {len(self.val)} held-out rows; "
-                  f"texts longer than {cfg.max_text_len} tokens are truncated (metrics.jsonl: truncated_captions)"
-                  + (f"; {everything - len(self.rows)} training rows' answers are outside the {len(answers)}-answer "
-                     "vocabulary and left out" if opts.task == "qa" else ""))
+            print(self.summary(opts, cfg, answers, everything))
         return self
+
+    def summary(self, opts, cfg, answers, everything):
+        return (f"{opts.data or opts.val_data}: {len(self.rows)} training and {len(self.val)} held-out rows; texts "
+                f"longer than {cfg.max_text_len} tokens are truncated (metrics.jsonl: truncated_captions)"
+                + (f"; {everything - len(self.rows)} training rows' answers are outside the {len(answers)}-answer "
+                   "vocabulary and left out" if opts.task == "qa" else ""))
 
     def loader(self, rows, train, sampler):
         return torch.utils.data.DataLoader(
@@ -548,34 +559,38 @@ class Clips:
             collate_fn=collate, num_workers=self.opts.workers, pin_memory=self.device.type == "cuda")
 
     def batches(self, start):
-        o, dev = self.opts, self.device
+        o = self.opts
         sampler = StepBatches(len(self.rows), o.batch, o.seed, self.rank, self.world, start, o.steps)
         for step, (video, index, failures) in enumerate(self.loader(self.rows, True, sampler), start):
             if video is None:
                 self.skipped.add(failures, 0)
                 self.skipped.stop("20 rows in a row failed to load")
             self.skipped.add(failures, len(video))
-            rows = [self.rows[i] for i in index]
-            batch = dict(video=video)  # made on the CPU, then copied to the device without waiting (tt.to_device)
-            g = torch.Generator().manual_seed(hash((o.seed, step, self.rank)) % 2**62)
-            if o.task == "pretrain":
-                ids, mask = self.tokens([r["caption"] for r in rows])
-                other, labels = vtm_batch(torch.arange(o.vtm_clips // self.world), generator=g)  # half: another's caption
-                batch.update(vtm_ids=ids[other], vtm_mask=mask[other], vtm_labels=labels, text_ids=ids, text_mask=mask)
-                k = o.mlm_clips // self.world
-                if k:
-                    masked, labels = self.tokens.mask_words(ids[:k], mask[:k], self.cfg.vocab_size, g)
-                    batch.update(mlm_ids=masked, mlm_mask=mask[:k], mlm_labels=labels)
-            elif o.task == "mc":
-                ids, mask = self.tokens([t for r in rows for t in r["options"]])
-                batch.update(options_ids=ids.view(len(rows), -1, ids.shape[1]), options_mask=mask.view(len(rows), -1, ids.shape[1]),
-                             answer=torch.tensor([r["answer"] for r in rows]))
-            else:
-                ids, mask = self.tokens([r["question"] for r in rows])
-                batch.update(question_ids=ids, question_mask=mask, answer=torch.tensor([self.answers[r["answer"]] for r in rows]))
-            batch = {k: tt.to_device(v, dev) for k, v in batch.items()}
-            batch["video"] = normalize(batch["video"], self.preprocess)
-            yield batch
+            yield self.batch(step, video, [self.rows[i] for i in index])
+
+    def batch(self, step, video, rows):
+        """The task's batch of decoded clips (uint8) and their rows, on the device."""
+        o, dev = self.opts, self.device
+        batch = dict(video=video)  # made on the CPU, then copied to the device without waiting (tt.to_device)
+        g = torch.Generator().manual_seed(hash((o.seed, step, self.rank)) % 2**62)
+        if o.task == "pretrain":
+            ids, mask = self.tokens([r["caption"] for r in rows])
+            other, labels = vtm_batch(torch.arange(o.vtm_clips // self.world), generator=g)  # half: another's caption
+            batch.update(vtm_ids=ids[other], vtm_mask=mask[other], vtm_labels=labels, text_ids=ids, text_mask=mask)
+            k = o.mlm_clips // self.world
+            if k:
+                masked, labels = self.tokens.mask_words(ids[:k], mask[:k], self.cfg.vocab_size, g)
+                batch.update(mlm_ids=masked, mlm_mask=mask[:k], mlm_labels=labels)
+        elif o.task == "mc":
+            ids, mask = self.tokens([t for r in rows for t in r["options"]])
+            batch.update(options_ids=ids.view(len(rows), -1, ids.shape[1]), options_mask=mask.view(len(rows), -1, ids.shape[1]),
+                         answer=torch.tensor([r["answer"] for r in rows]))
+        else:
+            ids, mask = self.tokens([r["question"] for r in rows])
+            batch.update(question_ids=ids, question_mask=mask, answer=torch.tensor([self.answers[r["answer"]] for r in rows]))
+        batch = {k: tt.to_device(v, dev) for k, v in batch.items()}
+        batch["video"] = normalize(batch["video"], self.preprocess)
+        return batch
 
     def held_out(self):
         """The held-out rows grouped into clips (same video, start and end), each decoded once and kept as uint8."""
@@ -592,6 +607,10 @@ class Clips:
                 videos.append(video)
                 rows.append(clips[keys[index[0]]])
             meter(1)
+        return self.held_out_of(videos, rows)
+
+    def held_out_of(self, videos, rows):
+        """The held-out set of decoded clips (each (1, t, 3, H, W) uint8) and each clip's rows."""
         if not videos:
             self.skipped.stop("no held-out clip could be loaded")
         held, n = HeldOut(torch.cat(videos)), len(videos)
@@ -628,6 +647,214 @@ class Clips:
 
 
 # -----------------------------------------------------------------------------
+# WebDataset shards (video2dataset's layout): tar files of samples <key>.mp4, <key>.txt (the caption), <key>.json
+# (url, caption, key, status, ...), read front to back in stream mode; videos decoded from memory
+
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
+
+
+def is_shards(spec):
+    return bool(spec) and (spec.endswith(".tar") or Path(spec).is_dir())
+
+
+def shard_list(spec, flag):
+    """The shard files of a .tar, a brace pattern (shards/{00000..00099}.tar) or a folder of .tar files."""
+    if Path(spec).is_dir():
+        paths = sorted(str(p) for p in Path(spec).glob("*.tar"))
+    else:
+        paths = braces(spec)
+    missing = [p for p in paths if not Path(p).is_file()]
+    if not paths or missing:
+        raise BadInput(f"{flag} {spec}: " + (f"no such shard {missing[0]} ({len(missing)} of {len(paths)} missing)"
+                                             if missing else "no .tar files in it"))
+    return paths
+
+
+def braces(pattern):
+    """A pattern's names: {00000..00099} a zero-padded range, {a,b} alternatives, as webdataset expands them."""
+    start = pattern.find("{")
+    if start < 0:
+        return [pattern]
+    end = pattern.index("}", start)
+    inside, rest = pattern[start + 1: end], braces(pattern[end + 1:])
+    if ".." in inside:
+        lo, hi = inside.split("..")
+        choices = [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
+    else:
+        choices = inside.split(",")
+    return [pattern[:start] + c + r for c in choices for r in rest]
+
+
+def shard_samples(path, failures):
+    """(key, {extension: bytes}) of a shard's samples, members grouped by the name up to the first dot of their
+    file name, as webdataset groups them. A truncated or corrupt shard ends there, its reason added to failures."""
+    key, files = None, {}
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, _, name = member.name.rpartition("/")
+                stem, _, ext = name.partition(".")
+                if (folder, stem) != key and files:
+                    yield key[1], files
+                    files = {}
+                key, files[ext.lower()] = (folder, stem), tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError) as e:
+        failures.append((path, f"shard {path} ends early: {e}"))
+    if files:
+        yield key[1], files
+
+
+def sample_of(path, key, files):
+    """(video bytes, its extension, caption) of a sample: the caption from .txt, else the .json's; or the reason it
+    has none."""
+    video = next((ext for ext in files if "." + ext.rsplit(".", 1)[-1] in VIDEO_SUFFIXES), None)
+    caption = files["txt"].decode("utf-8", "replace").strip() if "txt" in files else ""
+    if not caption and "json" in files:
+        try:
+            caption = str(json.loads(files["json"]).get("caption") or "").strip()
+        except (ValueError, AttributeError):
+            pass
+    if video is None or not caption:
+        return f"{path} sample {key}: no " + ("video" if video is None else "caption")
+    return files[video], video, caption
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Training samples from shards: (clip, caption, shard:key, the failures since the last good one). Each pass, the shards in an
+    order seeded by the pass; process r of w takes every w-th, DataLoader worker i of n every n-th of those; their
+    samples go through a shuffle buffer. A resumed run starts a new pass, seeded by its first step."""
+
+    def __init__(self, shards, cfg, preprocess, seed, start, rank, world, buffer):
+        self.shards, self.cfg, self.preprocess, self.buffer = shards, cfg, preprocess, buffer
+        self.seed, self.start, self.rank, self.world = seed, start, rank, world
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        pick = random.Random(hash((self.seed, self.start, self.rank, worker)))
+        failures, passes, loaded = [], 0, True
+        while loaded:  # a pass that loads nothing ends the stream (the main process stops the run, naming why)
+            order = random.Random(hash((self.seed, self.start, passes))).sample(self.shards, len(self.shards))
+            buffer, loaded, passes = [], False, passes + 1
+            for shard in order[self.rank:: self.world][worker:: workers]:
+                for sample in shard_samples(shard, failures):
+                    buffer.append((shard, *sample))
+                    if len(buffer) >= self.buffer:
+                        item = self.decoded(buffer.pop(pick.randrange(len(buffer))), pick, failures)
+                        if item:
+                            loaded, failures = True, []
+                            yield item
+            while buffer:
+                item = self.decoded(buffer.pop(pick.randrange(len(buffer))), pick, failures)
+                if item:
+                    loaded, failures = True, []
+                    yield item
+        yield None, "", "", failures
+
+    def decoded(self, sample, pick, failures):  # the item, or None and the failure noted
+        found = sample_of(*sample)
+        if isinstance(found, str):
+            failures.append((f"{sample[0]}:{sample[1]}", found))
+            return None
+        data, ext, caption = found
+        try:
+            clip = decode_clip(f"{sample[0]}:{sample[1]}.{ext}", self.cfg.frames, self.cfg.image_size, True,
+                               generator=torch.Generator().manual_seed(pick.randrange(2**62)),
+                               preprocess=self.preprocess, data=data)
+        except ClipError as e:
+            failures.append((f"{sample[0]}:{sample[1]}", str(e)))
+            return None
+        return clip, caption, f"{sample[0]}:{sample[1]}", list(failures)
+
+
+class Shards(Clips):
+    """Your clips in WebDataset shards, for pre-training: streamed through DataLoader workers for training; the
+    --val-data shards read once into the held-out set (at most --eval-clips samples, each key a clip)."""
+
+    def __init__(self, opts, rank=0, world=1):
+        self.opts, self.rank, self.world, self.kind = opts, rank, world, "captions"
+        if opts.task != "pretrain" or not opts.val_data or is_shards(opts.data or opts.val_data) != is_shards(
+                opts.val_data):
+            raise BadInput("WebDataset shards hold captions: --task pretrain, with --data shards (unless --eval-only) "
+                           "and --val-data shards")
+        self.train = shard_list(opts.data, "--data") if opts.data else []
+        self.val = shard_list(opts.val_data, "--val-data")
+        readers = world * max(1, opts.workers)
+        if self.train and len(self.train) < readers:
+            raise BadInput(f"--data {opts.data}: {len(self.train)} shard(s) for {world} process(es) x "
+                           f"{max(1, opts.workers)} DataLoader worker(s): each needs shards of its own (fewer --workers, "
+                           "or more shards)")
+        self.skipped = Skipped(opts.max_bad_share, loud=rank == 0)
+        self.rows = ()  # streamed, not rows
+
+    def samples_of(self, shards, limit):  # (name, video bytes, extension, caption) of good samples; failures counted
+        failures, found = [], 0
+        for shard in shards:
+            for key, files in shard_samples(shard, failures):
+                sample = sample_of(shard, key, files)
+                if isinstance(sample, str):
+                    failures.append((f"{shard}:{key}", sample))
+                    continue
+                found += 1
+                yield (f"{shard}:{key}", *sample)
+                if found >= limit:
+                    break
+            self.skipped.add(failures, 0)
+            failures = []
+            if found >= limit:
+                return
+
+    def texts(self):  # a word-level vocabulary: the held-out captions and the first 10,000 training samples'
+        for shards, limit in ((self.val, self.opts.eval_clips), (self.train, 10_000)):
+            yield from (caption for *_, caption in self.samples_of(shards, limit))
+
+    def answer_vocabulary(self):
+        return []
+
+    def summary(self, opts, cfg, answers, everything):
+        return (f"{opts.data or opts.val_data}: {len(self.train)} training shard(s), held-out clips from "
+                f"{len(self.val)} shard(s); texts longer than {cfg.max_text_len} tokens are truncated")
+
+    def batches(self, start):
+        o = self.opts
+        stream = ShardStream(self.train, self.cfg, self.preprocess, o.seed, start, self.rank, self.world, o.shuffle_buffer)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=o.workers,
+                                             pin_memory=self.device.type == "cuda")
+        items, per_process = iter(loader), o.batch // self.world
+        for step in range(start, o.steps):
+            clips, rows = [], []
+            while len(clips) < per_process:
+                clip, caption, _, failures = next(items)
+                self.skipped.add(failures, clip is not None)
+                if clip is None:
+                    self.skipped.stop("no sample of the --data shards could be loaded")
+                clips.append(clip)
+                rows.append(dict(caption=caption))
+            yield self.batch(step, torch.stack(clips), rows)
+
+    def held_out(self):
+        videos, rows, failures = [], [], []
+        meter = Progress("decoding held-out clips", self.opts.eval_clips, self.rank == 0)
+        for name, data, ext, caption in self.samples_of(self.val, self.opts.eval_clips):
+            try:
+                videos.append(decode_clip(f"{name}.{ext}", self.cfg.frames, self.cfg.image_size,
+                                          preprocess=self.preprocess, data=data)[None])
+                rows.append([dict(caption=caption)])
+            except ClipError as e:
+                failures.append((name, str(e)))
+            meter(1)
+        self.skipped.add(failures, len(videos))
+        return self.held_out_of(videos, rows)
+
+    def samples(self, k):  # --samples: the first held-out clips
+        found = list(self.samples_of(self.val, k))
+        return torch.stack([decode_clip(f"{name}.{ext}", self.cfg.frames, self.cfg.image_size, data=data)
+                            for name, data, ext, _ in found]).float() / 255, [caption for *_, caption in found]
+
+
+# -----------------------------------------------------------------------------
 # --samples: the synthetic world as files, or a strip of your training clips
 
 
@@ -635,7 +862,7 @@ def write_samples(opts):
     """--samples N: a PNG strip of training clips (at most 72, a clip a row) and their captions; synthetic, also the
     synthetic world as files: N new clips as lossless videos, a caption file, a multiple-choice file and a QA file."""
     synthetic = not (opts.data or opts.val_data)
-    opts, model, data, ckpt = tt.setup(opts, torch.device("cpu"), tt.Synthetic if synthetic else Clips)
+    opts, model, data, ckpt = tt.setup(opts, torch.device("cpu"), tt.Synthetic if synthetic else data_class(opts))
     out = Path(opts.out)
     make_folder(out)
     if synthetic:
@@ -662,7 +889,7 @@ def new_clips(cfg, n, seed=0):
 def write_world(out, captions, video, seed=0, fps=4):
     """The clips as OUT/clips/clipNNNNN.mp4 (H.264 in RGB, lossless: every pixel decodes as rendered) and the data
     files that go with them: captions.csv (video, caption), mc.jsonl (its 6 time variants as options, the answer
-    among them) and qa.csv (the three questions)."""
+    among them) and qa.csv (the three questions); and the clips with their captions as WebDataset shards."""
     make_folder(out / "clips")
     g, names = torch.Generator().manual_seed(seed), []
     for k, clip in enumerate(video):
@@ -681,7 +908,31 @@ def write_world(out, captions, video, seed=0, fps=4):
     csv.writer(table, lineterminator="\n").writerows([("video", "question", "answer", "type")] + [
         (v, question, answer_to(c, kind), kind) for v, c in rows for kind, question in QUESTIONS.items()])
     write_file(out / "qa.csv", lambda f: f.write(table.getvalue().encode()))
-    print(f"wrote {len(rows)} clips to {out / 'clips'}, and {out / 'captions.csv'}, {out / 'mc.jsonl'}, {out / 'qa.csv'}")
+    shards = write_shards(out / "shards", [(out / v, caption_text(c)) for v, c in rows])
+    print(f"wrote {len(rows)} clips to {out / 'clips'}, and {out / 'captions.csv'}, {out / 'mc.jsonl'}, {out / 'qa.csv'};"
+          f" as WebDataset shards {out / 'shards'}/{{00000..{shards - 1:05d}}}.tar")
+
+
+def write_shards(folder, samples, per_shard=32):
+    """(video file, caption) pairs as WebDataset shards in video2dataset's layout: FOLDER/00000.tar, ..., each of
+    per_shard samples <key>.mp4, <key>.txt and <key>.json, the key 5 digits of the shard and 4 of the sample."""
+    make_folder(folder)
+    shards = (len(samples) + per_shard - 1) // per_shard
+
+    def shard(n, f):
+        with tarfile.open(fileobj=f, mode="w") as tar:
+            for i, (video, caption) in enumerate(samples[n * per_shard: (n + 1) * per_shard]):
+                key = f"{n:05d}{i:04d}"
+                meta = dict(url=str(video), caption=caption, key=key, status="success")
+                for name, data in ((f"{key}.mp4", Path(video).read_bytes()), (f"{key}.txt", caption.encode()),
+                                   (f"{key}.json", json.dumps(meta).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+    for n in range(shards):
+        write_file(folder / f"{n:05d}.tar", lambda f, n=n: shard(n, f))
+    return shards
 
 
 def write_video(file, clip, fps):
