@@ -594,7 +594,7 @@ def _official_heads(ckpt, dim):
     if dim in OFFICIAL_HEADS:
         return OFFICIAL_HEADS[dim]
     raise ValueError(f"the number of attention heads of a width-{dim} model cannot be read from its weights: "
-                     f"pass heads= (train_tiny.py: --heads)")
+                     f"pass heads= (train_tiny.py: --attention-heads)")
 
 
 class Unloaded:

@@ -335,7 +335,7 @@ def test_from_official_missing_heads_are_listed(official):
 
 def test_from_official_heads_from_hyper_parameters_widths_or_an_error(official):
     state = official["state_dict"]  # width 64, 2 heads: nothing in the shapes says 2
-    with pytest.raises(ValueError, match="heads= .train_tiny.py: --heads"):
+    with pytest.raises(ValueError, match="heads= .train_tiny.py: --attention-heads"):
         AllInOne.from_official(state)
     assert AllInOne.from_official({"state_dict": state, "hyper_parameters": {"config": {"num_heads": 2}}}).cfg.heads == 2
     wide = {k: v for k, v in AllInOne(Config.preset("tiny", depth=1)).state_dict().items()}
@@ -1323,8 +1323,8 @@ def test_init_from_an_official_checkpoint_needs_vocab_and_heads(tmp_path, capsys
     torch.save(official["state_dict"], tmp_path / "plain.pt")  # no hyper-parameters: 2 heads of 32 cannot be read
     flags = QUICK + ["--steps", "1", "--eval-clips", "4", "--vocab", str(tmp_path / "vocab.txt")]
     code, _, err = run_cli(flags + ["--init", str(tmp_path / "plain.pt"), "--out", str(tmp_path / "a")], capsys)
-    assert code == 1 and "--heads" in err
-    code, out, err = run_cli(flags + ["--init", str(tmp_path / "plain.pt"), "--heads", "2", "--frames", "2", "--out",
+    assert code == 1 and "--attention-heads" in err
+    code, out, err = run_cli(flags + ["--init", str(tmp_path / "plain.pt"), "--attention-heads", "2", "--frames", "2", "--out",
                                       str(tmp_path / "b")], capsys)
     assert code == 0, err
     ckpt = ckpt_of(tmp_path / "b")

@@ -69,7 +69,7 @@ class Options:
     fold_div: int = option(0, "rolling moves 1/fold_div of each frame's tokens each way (0: --init's, else 8)")
     dropout: float = option(0.0, "dropout in the model")
     init: str = option("", "start from a checkpoint: an official one (needs --vocab) or a train_tiny.py ckpt.pt")
-    heads: int = option(0, "attention heads of an --init state dict whose width is not an official size")
+    attention_heads: int = option(0, "attention heads of an --init state dict whose width is not an official size")
     vocab: str = option("", "a BERT vocab.txt (default: a word-level vocabulary of the data)")
     preprocess: str = option("auto", "frames as: ours | official (auto: official for official checkpoints)")
     # how long and how fast
@@ -691,7 +691,7 @@ ORDER_TEST = ("t2v_r1", "v2t_r1", "vtm_acc", "mc_acc", "qa_acc")  # what --order
 def metrics_of(p, held, tokens, untrained, notes):
     """Every metric the held-out set has data for, but those scored by a head that was never trained (noted)."""
     scorer = "mc_head" if p.model.cfg.mc_head else "vtm_head"  # multiple choice: zero-shot, the VTM match logit
-    c, metrics, kinds = held.captions, {}, []  # kinds: (name, the heads it scores with, its function)
+    c, metrics, kinds = held.captions, {}, []  # kinds: (name, the output heads it scores with, its function)
     if c is not None:
         metrics["captions"] = len(c.ids)
         kinds += [("vtm_acc", {"vtm_head"}, lambda: vtm_metrics(p, c, notes)),
@@ -700,9 +700,9 @@ def metrics_of(p, held, tokens, untrained, notes):
     kinds += [(name, {scorer}, lambda name=name, s=s: choice_metrics(p, name, s)) for name, s in held.choices.items()]
     if held.questions is not None:
         kinds.append(("qa_acc", {"qa_head"}, lambda: qa_metrics(p, held.questions)))
-    for name, heads, compute in kinds:
-        if heads & untrained:
-            notes.append(f"{name} left out: {' and '.join(sorted(heads & untrained))} never trained (chance numbers)")
+    for name, scorers, compute in kinds:
+        if scorers & untrained:
+            notes.append(f"{name} left out: {' and '.join(sorted(scorers & untrained))} never trained (chance numbers)")
         else:
             metrics.update(compute())
     return metrics
@@ -1011,7 +1011,7 @@ def check_options(p, o):
              f"{flag(name)} must be {', '.join(allowed[:-1])} or {allowed[-1]}, not {value!r}")
     for name in ("steps", "horizon", "log_every", "eval_every", "ckpt_every", "eval_clips", "accum"):
         need(getattr(o, name) >= 1, f"{flag(name)} must be at least 1, got {getattr(o, name)}")
-    for name in ("warmup", "frames", "image_size", "heads", "fold_div"):
+    for name in ("warmup", "frames", "image_size", "attention_heads", "fold_div"):
         need(getattr(o, name) >= 0, f"{flag(name)} must be 0 or more, got {getattr(o, name)}")
     need(o.batch >= 2, "--batch must be at least 2 (VTM and multiple choice need two clips)")
     need(2 <= o.vtm_clips <= o.batch, "--vtm-clips must be between 2 and --batch")
@@ -1116,7 +1116,7 @@ def build_model(opts, start, vocab_size, num_answers):
                 warnings.simplefilter("ignore")  # the run says which heads it lacks (untrained)
                 model = AllInOne.from_official(
                     ckpt["model"] if start.ours else ckpt, frames=opts.frames or None,
-                    heads=saved.get("heads") or opts.heads or None, temporal=opts.temporal or saved.get("temporal", "roll"),
+                    heads=saved.get("heads") or opts.attention_heads or None, temporal=opts.temporal or saved.get("temporal", "roll"),
                     fold_div=opts.fold_div or saved.get("fold_div", 8), dropout=opts.dropout,
                     checkpointing=opts.checkpointing, **keep, **task_head)
             untrained = set(ckpt.get("untrained", ())) | set(model.fresh_heads)

@@ -17,11 +17,11 @@ import train_videos as tv  # the companion, beside this file: decoding, loading 
 tt = tv.tt  # train_tiny.py
 
 
-def scores(model, text, preprocess, video, captions):
+def scores(model, tokens, preprocess, video, captions):
     """The VTM match logit of each caption with the video file: (len(captions),)."""
     dev = next(model.parameters()).device
     clip = tv.load_clip(video, model.cfg.frames, model.cfg.image_size, preprocess=preprocess).to(dev)  # (t, 3, H, W)
-    ids, mask = text(captions, dev)
+    ids, mask = tokens(captions, dev)
     with torch.no_grad():
         return model.match_score(model(clip.expand(len(captions), -1, -1, -1, -1), ids, mask).pooled).cpu()
 
@@ -34,10 +34,10 @@ def main(argv=None):
     p.add_argument("--vocab", default="", help="the BERT vocab.txt of an official checkpoint")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="auto: cuda, then mps, then cpu")
     args = p.parse_args(argv)
-    model, text, preprocess, untrained = tv.load_model(args.ckpt, args.vocab, args.device)
+    model, tokens, preprocess, untrained = tv.load_model(args.ckpt, args.vocab, args.device)
     if "vtm_head" in untrained:
         print(f"note: {args.ckpt} has a VTM head that was never trained: these scores mean nothing", file=sys.stderr)
-    for score, caption in sorted(zip(scores(model, text, preprocess, args.video, args.captions).tolist(), args.captions),
+    for score, caption in sorted(zip(scores(model, tokens, preprocess, args.video, args.captions).tolist(), args.captions),
                                  reverse=True):
         print(f"{score:7.2f}  {caption}")
 

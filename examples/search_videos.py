@@ -83,39 +83,39 @@ def embed_folder(model, preprocess, folder, paths, key, batch=16):
     return kept, embeddings, len(todo) - len(failed), failed
 
 
-def match_scores(model, text, preprocess, folder, paths, query):
+def match_scores(model, tokens, preprocess, folder, paths, query):
     """The joint pass of the query with each file: VTM match logits, (len(paths),)."""
     cfg, dev = model.cfg, next(model.parameters()).device
     clips = torch.stack([tv.load_clip(Path(folder) / p, cfg.frames, cfg.image_size, preprocess=preprocess) for p in paths])
-    ids, mask = text([query] * len(paths), dev)
+    ids, mask = tokens([query] * len(paths), dev)
     with torch.no_grad():
         return model.match_score(model(clips.to(dev), ids, mask).pooled).cpu()
 
 
-def search(model, text, preprocess, untrained, folder, queries, top, key):
+def search(model, tokens, preprocess, untrained, folder, queries, top, key):
     """For each query, its top videos, best first: [(path, contrastive score or None, match score)]."""
     paths = find_videos(folder)
     if untrained & {"text_proj", "video_proj"}:  # no dual stream: the joint pass over every video, for each query
-        return joint_search(model, text, preprocess, folder, paths, queries, top)
+        return joint_search(model, tokens, preprocess, folder, paths, queries, top)
     kept, videos, embedded, failed = embed_folder(model, preprocess, folder, paths, key)
     print(f"{len(kept)} videos: {embedded} embedded now, {len(kept) - embedded} from the cache"
           + (f"; {len(failed)} skipped (could not be read), for example: {failed[0]}" if failed else ""), file=sys.stderr)
     if not kept:
         raise tt.BadInput(f"{folder}: none of its {len(paths)} videos could be read")
-    ids, mask = text(queries, next(model.parameters()).device)
+    ids, mask = tokens(queries, next(model.parameters()).device)
     with torch.no_grad():
         queries_emb = model.text_proj(model.encode_text(ids, mask).text[:, 0]).cpu()
     sim = cosine_similarity(queries_emb, videos)  # (queries, videos)
     results = []
     for query, row in zip(queries, sim):
         best = row.argsort(descending=True)[:top].tolist()
-        match = match_scores(model, text, preprocess, folder, [kept[i] for i in best], query)
+        match = match_scores(model, tokens, preprocess, folder, [kept[i] for i in best], query)
         rerank = match.argsort(descending=True).tolist()
         results.append([(kept[best[j]], row[best[j]].item(), match[j].item()) for j in rerank])
     return results
 
 
-def joint_search(model, text, preprocess, folder, paths, queries, top, batch=16):
+def joint_search(model, tokens, preprocess, folder, paths, queries, top, batch=16):
     """Without contrastive projections: every readable video (decoded once, kept as uint8) with each query in a joint
     pass, ranked by the match score."""
     cfg, kept, clips, failed = model.cfg, [], [], []
@@ -136,7 +136,7 @@ def joint_search(model, text, preprocess, folder, paths, queries, top, batch=16)
         for s in range(0, len(kept), batch):
             dev = next(model.parameters()).device
             video = tt.normalize(torch.stack(clips[s: s + batch]).to(dev), preprocess)
-            ids, mask = text([query] * len(video), dev)
+            ids, mask = tokens([query] * len(video), dev)
             with torch.no_grad():
                 match.append(model.match_score(model(video, ids, mask).pooled).cpu())
         match = torch.cat(match)
@@ -155,9 +155,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.top < 1:
         p.error(f"--top must be at least 1, got {args.top}")
-    model, text, preprocess, untrained = tv.load_model(args.ckpt, args.vocab, args.device)
+    model, tokens, preprocess, untrained = tv.load_model(args.ckpt, args.vocab, args.device)
     start = time.perf_counter()
-    results = search(model, text, preprocess, untrained, args.folder, args.queries, args.top,
+    results = search(model, tokens, preprocess, untrained, args.folder, args.queries, args.top,
                      cache_key(args.ckpt, model.cfg, preprocess))
     for query, found in zip(args.queries, results):
         print(f"{query}:")

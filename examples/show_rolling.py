@@ -52,7 +52,7 @@ def recorded_attention(model):
             h.remove()
 
 
-def synthetic_clips(cfg, text, seed=0):
+def synthetic_clips(cfg, tokens, seed=0):
     """One new synthetic clip per motion, and for each the positions of its time word and its colour word."""
     g = torch.Generator().manual_seed(seed)
     captions = [tt.CAPTIONS.index((c, s, m)) for m, (c, s) in zip(tt.MOTIONS, zip(*[
@@ -63,13 +63,13 @@ def synthetic_clips(cfg, text, seed=0):
     return video, texts, [[("time", t.split()[-1]), ("colour", t.split()[1])] for t in texts]
 
 
-def word_position(text, caption, word):
-    tokens = text.tok.encode(caption).tokens
-    pieces = text.tok.encode(word, add_special_tokens=False).tokens
-    for i in range(len(tokens)):
-        if tokens[i: i + len(pieces)] == pieces:
+def word_position(tokens, caption, word):
+    words = tokens.tok.encode(caption).tokens
+    pieces = tokens.tok.encode(word, add_special_tokens=False).tokens
+    for i in range(len(words)):
+        if words[i: i + len(pieces)] == pieces:
             return i
-    raise tt.BadInput(f"--word {word!r} is not in the caption {caption!r} (its tokens: {' '.join(tokens)})")
+    raise tt.BadInput(f"--word {word!r} is not in the caption {caption!r} (its tokens: {' '.join(words)})")
 
 
 def rolled_slots(t, n, fold_div):
@@ -78,14 +78,14 @@ def rolled_slots(t, n, fold_div):
     return token_origins(t, n, fold_div, 1)[0] != torch.arange(t)[:, None]
 
 
-def analyse(model, text, preprocess, video, captions, words):
+def analyse(model, tokens, preprocess, video, captions, words):
     """Per block: origins (t, n), the t x t shares, the words' heat (clips, words, t, n) over the frames their tokens
     started in, and the share of each word's patch attention that lands on travelled tokens, and on the slots rolling
     fills from other frames whatever the mode (clips, words): for none, the share those slots get when nothing moves."""
     cfg, (b, t), n = model.cfg, video.shape[:2], model.cfg.tokens_per_frame
     dev = next(model.parameters()).device
-    ids, mask = text(captions)
-    positions = [[word_position(text, c, w) for _, w in ws] for c, ws in zip(captions, words)]
+    ids, mask = tokens(captions)
+    positions = [[word_position(tokens, c, w) for _, w in ws] for c, ws in zip(captions, words)]
     with torch.no_grad(), recorded_attention(model) as weights:
         model(tt.normalize(video.to(dev), preprocess), ids.to(dev), mask.to(dev))
     if cfg.temporal == "roll":
@@ -159,7 +159,7 @@ def main(argv=None):
         p.error("--video needs --caption and --word")
     columns = []
     for path in args.checkpoints:
-        model, text, preprocess, _ = tv.load_model(path, args.vocab, args.device)
+        model, tokens, preprocess, _ = tv.load_model(path, args.vocab, args.device)
         cfg = model.cfg
         if args.block is not None and not 0 <= args.block < cfg.depth:
             p.error(f"--block {args.block}: {path} has blocks 0 to {cfg.depth - 1}")
@@ -167,8 +167,8 @@ def main(argv=None):
             video = tv.decode_clip(args.video, cfg.frames, cfg.image_size, preprocess=preprocess)[None]
             captions, words = [args.caption], [[("word", args.word)]]
         else:
-            video, captions, words = synthetic_clips(cfg, text)
-        blocks = analyse(model, text, preprocess, video, captions, words)
+            video, captions, words = synthetic_clips(cfg, tokens)
+        blocks = analyse(model, tokens, preprocess, video, captions, words)
         shown = range(cfg.depth) if args.block is None else [args.block]
         print(f"{path}: temporal {cfg.temporal}, {cfg.frames} frames, {cfg.tokens_per_frame} tokens per frame")
         rolled_share = rolled_slots(cfg.frames, cfg.tokens_per_frame, cfg.fold_div)[:, 1:].float().mean()
