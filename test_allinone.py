@@ -2011,6 +2011,16 @@ def test_video2dataset_shards_json_captions_missing_videos_and_a_truncated_shard
                               str(tmp_path / "run")], capsys, main=tv.main)
     assert code == 0 and "eval step 4" in out and "clips 3 captions 3" in out, err
     assert "no video" in out and "ends early" in out and "skipped" in out.splitlines()[-3]
+    # a cut shard is named whatever the shuffle buffer; a few bad samples among many good ones stop nothing
+    stream = tv.ShardStream([str(tmp_path / "00002.tar")], Config.preset("nano"), "ours", 0, 0, 0, 1, buffer=1)
+    assert any("ends early" in f for (*_, failures), _ in zip(stream, range(6)) for _, f in failures)
+    video2dataset_shard(tmp_path / "many.tar", clips[:1] * 220, [""] * 20 + ["a clip"] * 200, {})
+    opts = tt.parse_options(["--data", str(tmp_path / "many.tar"), "--val-data", str(tmp_path / "many.tar"),
+                             "--workers", "1", "--eval-clips", "200"], tv.VideoOptions)
+    shards = tv.Shards(opts)
+    assert sum(1 for _ in shards.texts()) == 400 and shards.skipped.count == 0  # vocabulary: the captions alone
+    shards.cfg, shards.preprocess, shards.tokens = Config.preset("nano"), "ours", tt.Tokens(tt.make_tokenizer("", ["a clip"]), 8)
+    assert len(shards.held_out().video) == 200 and (shards.skipped.count, shards.skipped.total) == (20, 220)
     # bad input: one line each
     for argv, message in [(["--data", str(tmp_path / "{00000..00009}.tar")], "no such shard"),
                           (["--data", str(tmp_path / "00000.tar"), "--workers", "2"], "1 shard(s) for 1 process(es) x 2"),

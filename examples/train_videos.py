@@ -744,12 +744,14 @@ class ShardStream(torch.utils.data.IterableDataset):
                     if len(buffer) >= self.buffer:
                         item = self.decoded(buffer.pop(pick.randrange(len(buffer))), pick, failures)
                         if item:
-                            loaded, failures = True, []
+                            loaded = True
+                            failures.clear()  # (the same list: shard_samples adds a cut shard's failure to it)
                             yield item
             while buffer:
                 item = self.decoded(buffer.pop(pick.randrange(len(buffer))), pick, failures)
                 if item:
-                    loaded, failures = True, []
+                    loaded = True
+                    failures.clear()
                     yield item
         yield None, "", "", failures
 
@@ -789,8 +791,10 @@ class Shards(Clips):
         self.skipped = Skipped(opts.max_bad_share, loud=rank == 0)
         self.rows = ()  # streamed, not rows
 
-    def samples_of(self, shards, limit):  # (name, video bytes, extension, caption) of good samples; failures counted
-        failures, found = [], 0
+    @staticmethod
+    def samples_of(shards, limit, failures):
+        """(name, video bytes, extension, caption) of the first limit good samples; the bad ones added to failures."""
+        found = 0
         for shard in shards:
             for key, files in shard_samples(shard, failures):
                 sample = sample_of(shard, key, files)
@@ -800,15 +804,11 @@ class Shards(Clips):
                 found += 1
                 yield (f"{shard}:{key}", *sample)
                 if found >= limit:
-                    break
-            self.skipped.add(failures, 0)
-            failures = []
-            if found >= limit:
-                return
+                    return
 
     def texts(self):  # a word-level vocabulary: the held-out captions and the first 10,000 training samples'
-        for shards, limit in ((self.val, self.opts.eval_clips), (self.train, 10_000)):
-            yield from (caption for *_, caption in self.samples_of(shards, limit))
+        for shards, limit in ((self.val, self.opts.eval_clips), (self.train, 10_000)):  # (failures: counted where
+            yield from (caption for *_, caption in self.samples_of(shards, limit, []))  # they are loaded)
 
     def answer_vocabulary(self):
         return []
@@ -820,8 +820,9 @@ class Shards(Clips):
     def batches(self, start):
         o = self.opts
         stream = ShardStream(self.train, self.cfg, self.preprocess, o.seed, start, self.rank, self.world, o.shuffle_buffer)
-        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=o.workers,
-                                             pin_memory=self.device.type == "cuda")
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=o.workers, pin_memory=self.device.type
+                                             == "cuda", prefetch_factor=2 * o.batch // self.world if o.workers else None)
+        # (each worker a clip at a time: two batches' worth ready, as the files' loader has)
         items, per_process = iter(loader), o.batch // self.world
         for step in range(start, o.steps):
             clips, rows = [], []
@@ -837,7 +838,7 @@ class Shards(Clips):
     def held_out(self):
         videos, rows, failures = [], [], []
         meter = Progress("decoding held-out clips", self.opts.eval_clips, self.rank == 0)
-        for name, data, ext, caption in self.samples_of(self.val, self.opts.eval_clips):
+        for name, data, ext, caption in self.samples_of(self.val, self.opts.eval_clips, failures):
             try:
                 videos.append(decode_clip(f"{name}.{ext}", self.cfg.frames, self.cfg.image_size,
                                           preprocess=self.preprocess, data=data)[None])
@@ -849,7 +850,7 @@ class Shards(Clips):
         return self.held_out_of(videos, rows)
 
     def samples(self, k):  # --samples: the first held-out clips
-        found = list(self.samples_of(self.val, k))
+        found = list(self.samples_of(self.val, k, []))
         return torch.stack([decode_clip(f"{name}.{ext}", self.cfg.frames, self.cfg.image_size, data=data)
                             for name, data, ext, _ in found]).float() / 255, [caption for *_, caption in found]
 
