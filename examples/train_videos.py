@@ -722,20 +722,31 @@ def sample_of(path, key, files):
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Training samples from shards: (clip, caption, shard:key, the failures since the last good one). Each pass, the shards in an
-    order seeded by the pass; process r of w takes every w-th, DataLoader worker i of n every n-th of those; their
-    samples go through a shuffle buffer. A resumed run starts a new pass, seeded by its first step."""
+    """Training batches from shards: (clips, captions, shard:keys, the failures since the last batch), made in the
+    DataLoader worker. Each pass, the shards in an order seeded by the pass; process r of w takes every w-th, worker i
+    of n every n-th of those; their samples go through a shuffle buffer. A resumed run starts a new pass, seeded by its
+    first step. A pass that loads nothing ends the stream with (None, [], [], failures)."""
 
-    def __init__(self, shards, cfg, preprocess, seed, start, rank, world, buffer):
-        self.shards, self.cfg, self.preprocess, self.buffer = shards, cfg, preprocess, buffer
+    def __init__(self, shards, cfg, preprocess, seed, start, rank, world, buffer, batch=1):
+        self.shards, self.cfg, self.preprocess, self.buffer, self.batch = shards, cfg, preprocess, buffer, batch
         self.seed, self.start, self.rank, self.world = seed, start, rank, world
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        pick = random.Random(hash((self.seed, self.start, self.rank, worker)))
-        failures, passes, loaded = [], 0, True
-        while loaded:  # a pass that loads nothing ends the stream (the main process stops the run, naming why)
+        pick, batch, failures = random.Random(hash((self.seed, self.start, self.rank, worker))), [], []
+        for item in self.clips(pick, worker, workers, failures):
+            batch.append(item)
+            if len(batch) == self.batch:
+                clips, captions, names = zip(*batch)
+                yield torch.stack(clips), list(captions), list(names), list(failures)
+                batch = []
+                failures.clear()  # (in place: the readers of the shards add to this list)
+        yield None, [], [], failures
+
+    def clips(self, pick, worker, workers, failures):  # (clip, caption, name), pass after pass
+        passes, loaded = 0, True
+        while loaded:
             order = random.Random(hash((self.seed, self.start, passes))).sample(self.shards, len(self.shards))
             buffer, loaded, passes = [], False, passes + 1
             for shard in order[self.rank:: self.world][worker:: workers]:
@@ -745,30 +756,26 @@ class ShardStream(torch.utils.data.IterableDataset):
                         item = self.decoded(buffer.pop(pick.randrange(len(buffer))), pick, failures)
                         if item:
                             loaded = True
-                            failures.clear()  # (the same list: shard_samples adds a cut shard's failure to it)
                             yield item
             while buffer:
                 item = self.decoded(buffer.pop(pick.randrange(len(buffer))), pick, failures)
                 if item:
                     loaded = True
-                    failures.clear()
                     yield item
-        yield None, "", "", failures
 
-    def decoded(self, sample, pick, failures):  # the item, or None and the failure noted
-        found = sample_of(*sample)
+    def decoded(self, sample, pick, failures):  # (clip, caption, name), or None and the failure noted
+        name, found = f"{sample[0]}:{sample[1]}", sample_of(*sample)
         if isinstance(found, str):
-            failures.append((f"{sample[0]}:{sample[1]}", found))
+            failures.append((name, found))
             return None
         data, ext, caption = found
         try:
-            clip = decode_clip(f"{sample[0]}:{sample[1]}.{ext}", self.cfg.frames, self.cfg.image_size, True,
-                               generator=torch.Generator().manual_seed(pick.randrange(2**62)),
-                               preprocess=self.preprocess, data=data)
+            clip = decode_clip(f"{name}.{ext}", self.cfg.frames, self.cfg.image_size, True, preprocess=self.preprocess,
+                               generator=torch.Generator().manual_seed(pick.randrange(2**62)), data=data)
         except ClipError as e:
-            failures.append((f"{sample[0]}:{sample[1]}", str(e)))
+            failures.append((name, str(e)))
             return None
-        return clip, caption, f"{sample[0]}:{sample[1]}", list(failures)
+        return clip, caption, name
 
 
 class Shards(Clips):
@@ -819,21 +826,15 @@ class Shards(Clips):
 
     def batches(self, start):
         o = self.opts
-        stream = ShardStream(self.train, self.cfg, self.preprocess, o.seed, start, self.rank, self.world, o.shuffle_buffer)
-        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=o.workers, pin_memory=self.device.type
-                                             == "cuda", prefetch_factor=2 * o.batch // self.world if o.workers else None)
-        # (each worker a clip at a time: two batches' worth ready, as the files' loader has)
-        items, per_process = iter(loader), o.batch // self.world
-        for step in range(start, o.steps):
-            clips, rows = [], []
-            while len(clips) < per_process:
-                clip, caption, _, failures = next(items)
-                self.skipped.add(failures, clip is not None)
-                if clip is None:
-                    self.skipped.stop("no sample of the --data shards could be loaded")
-                clips.append(clip)
-                rows.append(dict(caption=caption))
-            yield self.batch(step, torch.stack(clips), rows)
+        stream = ShardStream(self.train, self.cfg, self.preprocess, o.seed, start, self.rank, self.world,
+                             o.shuffle_buffer, batch=o.batch // self.world)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=o.workers,
+                                             pin_memory=self.device.type == "cuda")
+        for step, (video, captions, _, failures) in zip(range(start, o.steps), loader):
+            self.skipped.add(failures, 0 if video is None else len(video))
+            if video is None:
+                self.skipped.stop("no sample of the --data shards could be loaded")
+            yield self.batch(step, video, [dict(caption=c) for c in captions])
 
     def held_out(self):
         videos, rows, failures = [], [], []
