@@ -748,20 +748,22 @@ class ShardStream(torch.utils.data.IterableDataset):
         passes, loaded = 0, True
         while loaded:
             order = random.Random(hash((self.seed, self.start, passes))).sample(self.shards, len(self.shards))
-            buffer, loaded, passes = [], False, passes + 1
-            for shard in order[self.rank:: self.world][worker:: workers]:
-                for sample in shard_samples(shard, failures):
-                    buffer.append((shard, *sample))
-                    if len(buffer) >= self.buffer:
-                        item = self.decoded(buffer.pop(pick.randrange(len(buffer))), pick, failures)
-                        if item:
-                            loaded = True
-                            yield item
-            while buffer:
-                item = self.decoded(buffer.pop(pick.randrange(len(buffer))), pick, failures)
+            mine, loaded, passes = order[self.rank:: self.world][worker:: workers], False, passes + 1
+            samples = ((shard, *sample) for shard in mine for sample in shard_samples(shard, failures))
+            for sample in self.shuffled(samples, pick):
+                item = self.decoded(sample, pick, failures)
                 if item:
                     loaded = True
                     yield item
+
+    def shuffled(self, samples, pick):  # through the shuffle buffer: each out is a random one of the last `buffer` in
+        buffer = []
+        for sample in samples:
+            buffer.append(sample)
+            if len(buffer) >= self.buffer:
+                yield buffer.pop(pick.randrange(len(buffer)))
+        while buffer:
+            yield buffer.pop(pick.randrange(len(buffer)))
 
     def decoded(self, sample, pick, failures):  # (clip, caption, name), or None and the failure noted
         name, found = f"{sample[0]}:{sample[1]}", sample_of(*sample)
@@ -784,8 +786,8 @@ class Shards(Clips):
 
     def __init__(self, opts, rank=0, world=1):
         self.opts, self.rank, self.world, self.kind = opts, rank, world, "captions"
-        if opts.task != "pretrain" or not opts.val_data or is_shards(opts.data or opts.val_data) != is_shards(
-                opts.val_data):
+        mixed = not is_shards(opts.val_data) or (opts.data and not is_shards(opts.data))  # shards with files, or none
+        if opts.task != "pretrain" or mixed:
             raise BadInput("WebDataset shards hold captions: --task pretrain, with --data shards (unless --eval-only) "
                            "and --val-data shards")
         self.train = shard_list(opts.data, "--data") if opts.data else []
