@@ -248,9 +248,11 @@ def normalize(video, preprocess):
 
 
 def to_device(x, device):
-    """A tensor on the device: to a GPU from pinned memory, without waiting (a copy from pageable memory waits until
-    the GPU has done all it was given)."""
-    return x.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else x.to(device)
+    """A tensor on the device: from the CPU to a GPU through pinned memory, without waiting (a copy from pageable
+    memory waits until the GPU has done all it was given); one made on the device already stays."""
+    if x.device.type == "cpu" and torch.device(device).type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 # -----------------------------------------------------------------------------
