@@ -930,6 +930,22 @@ def test_held_out_is_new_compact_and_complete_for_each_task():
     assert [tt.ANSWERS[a] for a in q.answer] == [tt.answer_to(captions[i // 3], q.kinds[i % 3]) for i in range(72)]
 
 
+def test_the_first_clips_of_a_held_out_set_bring_their_captions_choices_and_questions():
+    opts, cfg, text, model, data = tiny_setup(eval_clips=24)
+    held = data.held_out()
+    first, made = held.first(10), data.held_out_of(held.captions.label[:10], held.video[:10], None)
+    assert torch.equal(first.video, held.video[:10]) and held.first(24) is held
+    for a, b in ((first.captions, made.captions), (first.choices["mc_acc"], made.choices["mc_acc"])):
+        assert all(torch.equal(getattr(a, f.name), getattr(b, f.name)) for f in tt.dataclasses.fields(a))
+    c = held_out_of(5, 4, oracle_text()[0], list(range(5))).first(2).captions  # clips of several captions
+    assert c.first.tolist() == [0, 4] and c.label.tolist() == [0] * 4 + [1] * 4 and c.clip_label.tolist() == [0, 1]
+    _, _, _, _, mc = tiny_setup("mc", eval_clips=24)
+    assert all(s.clip.tolist() == list(range(10)) for s in mc.held_out().first(10).choices.values())
+    _, _, _, _, qa = tiny_setup("qa", eval_clips=24)
+    q = qa.held_out().first(10).questions
+    assert q.clip.tolist() == [i // 3 for i in range(30)] and len(q.answer) == len(q.kind) == len(q.ids) == 30
+
+
 # --- the training loop -----------------------------------------------------------------------------------------------
 
 
@@ -952,6 +968,29 @@ def test_resume_with_non_default_options_gives_identical_weights(tmp_path, one_t
     model = AllInOne(Config(**a["config"]))
     model.load_state_dict(a["model"])
     assert tt.Tokenizer.from_str(a["tokenizer"]).encode("a red circle appears").ids[0] == 2  # [CLS]
+
+
+def test_curve_rows_come_at_their_steps_and_change_nothing_else(tmp_path, one_thread):
+    flags = QUICK + ["--steps", "6", "--eval-every", "3", "--curve-clips", "8", "--dropout", "0.1"]  # dropout: the
+    curves, plain = tmp_path / "curves", tmp_path / "plain"  # training draws random numbers, evaluation must not
+    tt.train(tt.parse_options(flags + ["--curve-every", "2", "--out", str(curves)]))
+    tt.train(tt.parse_options(flags + ["--curve-every", "0", "--steps", "3", "--out", str(plain)]))
+    assert tt.parse_options(["--resume", "--out", str(plain), "--curve-every", "5", "--curve-clips", "4"]).curve_every == 5
+    old = ckpt_of(plain)  # a checkpoint from before --curve-every: its task's default (100), no curve row by step 6
+    del old["options"]["curve_every"]
+    torch.save(old, plain / "ckpt.pt")
+    tt.train(tt.parse_options(["--resume", "--steps", "6", "--out", str(plain)]))
+    a, b = ckpt_of(curves), ckpt_of(plain)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]) and a["options"]["curve_every"] == 2
+    rows, plain_rows = ([json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()] for run in (curves, plain))
+    timing = ("clips_per_s", "wall_s")
+    full = [{k: v for k, v in r.items() if k not in timing} for r in rows if "kind" not in r]
+    assert full == [{k: v for k, v in r.items() if k not in timing} for r in plain_rows] and len(full) == 2
+    curve = [r for r in rows if r.get("kind") == "curve"]
+    assert [r["step"] for r in curve] == [2, 4]  # not at 3 and 6: the full evaluations are the curve's points there
+    for r in curve:
+        assert (r["clips"], r["task"], r["temporal"]) == (8, "pretrain", "roll") and not set(timing) & set(r)
+        assert all(0 <= r[k] <= 1 for k in ("vtm_acc_temporal", "mc_acc", "order_flip", "vtm_acc", "mlm_acc", "t2v_r1"))
 
 
 def test_train_tiny_runs_where_pyav_is_not_installed(tmp_path):
@@ -1254,6 +1293,7 @@ def test_bad_options_give_one_clear_message(tmp_path, capsys):
         (["--steps", "0"], "--steps must be at least 1"),
         (["--eval-every", "0"], "--eval-every must be at least 1"),
         (["--log-every", "0"], "--log-every must be at least 1"),
+        (["--curve-every", "-1"], "--curve-every must be 0 or more"),
         (["--ckpt-every", "-1"], "--ckpt-every must be at least 1"),
         (["--batch", "ten"], "invalid int value"),
         (["--temperature", "0"], "--temperature must be a positive number"),
@@ -1517,13 +1557,15 @@ def test_eval_only_writes_metrics_and_no_checkpoint(tmp_path, capsys):
 
 
 def test_ablation_trains_each_temporal_mode_in_its_folder_and_prints_one_table(tmp_path, capsys):
-    code, out, err = run_cli(QUICK + ["--ablation", "--steps", "1", "--eval-clips", "4", "--out", str(tmp_path)], capsys)
+    code, out, err = run_cli(QUICK + ["--ablation", "--steps", "2", "--curve-every", "1", "--eval-clips", "4", "--out",
+                                      str(tmp_path)], capsys)
     assert code == 0, err
     header, *rows = out.splitlines()[-4:]
     assert header.split()[:4] == ["temporal", "vtm_acc", "vtm_acc_temporal", "order_flip"]
     for mode, row in zip(("roll", "none", "flatten"), rows):
-        saved = json.loads((tmp_path / mode / "metrics.jsonl").read_text().splitlines()[-1])
+        curve, saved = [json.loads(r) for r in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
         assert ckpt_of(tmp_path / mode)["config"]["temporal"] == mode and saved["temporal"] == mode
+        assert (curve["kind"], curve["step"], curve["temporal"]) == ("curve", 1, mode)
         assert row.split()[:4] == [mode] + [f"{saved[k]:.3f}" for k in ("vtm_acc", "vtm_acc_temporal", "order_flip")]
 
 
@@ -1611,11 +1653,13 @@ def test_torchrun_on_mps_is_one_clear_error(monkeypatch):
 def test_torchrun_ablation_and_your_own_videos_with_two_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    ablation = subprocess.run([*torchrun, str(HERE / "train_tiny.py"), *QUICK, "--steps", "1", "--eval-clips", "4",
-                               "--ablation", "--out", str(tmp_path / "ablation")],
+    ablation = subprocess.run([*torchrun, str(HERE / "train_tiny.py"), *QUICK, "--steps", "2", "--curve-every", "1",
+                               "--eval-clips", "4", "--ablation", "--out", str(tmp_path / "ablation")],
                               capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert ablation.returncode == 0, ablation.stderr[-3000:]  # the other process has no table to print, and ends
     assert ablation.stdout.count("\nflatten ") == 1 and "Traceback" not in ablation.stderr
+    rows = (tmp_path / "ablation" / "none" / "metrics.jsonl").read_text()
+    assert rows.count('"kind": "curve"') == 1 and rows.count('"step": 2') == 1  # rank 0 alone wrote them
     tv.main(["--samples", "8", "--out", str(tmp_path / "world")])
     videos = subprocess.run([*torchrun, str(HERE / "examples" / "train_videos.py"), *QUICK, "--steps", "2",
                              "--data", str(tmp_path / "world" / "captions.csv"), "--val-share", "0.3", "--workers", "1",

@@ -49,9 +49,11 @@ from allinone import (
 
 TASKS = ("pretrain", "mc", "qa")
 TASK_DEFAULTS = {  # options whose default depends on --task: pre-training from scratch, or fine-tuning a start point
-    "pretrain": dict(steps=1800, horizon=1800, batch=128, lr=2e-3, warmup=100, eval_every=600, ckpt_every=600),
-    "mc": dict(steps=300, horizon=300, batch=32, lr=5e-4, warmup=30, eval_every=100, ckpt_every=100),
-    "qa": dict(steps=900, horizon=900, batch=32, lr=5e-4, warmup=30, eval_every=300, ckpt_every=300),
+    "pretrain": dict(steps=1800, horizon=1800, batch=128, lr=2e-3, warmup=100, eval_every=600, ckpt_every=600,
+                     curve_every=100),
+    # fine-tuning: short runs whose full evaluations (every 100 or 300 steps) are their curve
+    "mc": dict(steps=300, horizon=300, batch=32, lr=5e-4, warmup=30, eval_every=100, ckpt_every=100, curve_every=0),
+    "qa": dict(steps=900, horizon=900, batch=32, lr=5e-4, warmup=30, eval_every=300, ckpt_every=300, curve_every=0),
 }
 
 
@@ -91,6 +93,9 @@ class Options:
     # evaluation and output
     eval_every: int = option(None, "evaluate on the held-out set every N steps and at the end")
     eval_clips: int = option(512, "held-out clips to evaluate on")
+    curve_every: int = option(None, "every N steps, a cheap evaluation on the first --curve-clips held-out clips: a "
+                                    "'curve' row in metrics.jsonl, for examples/plot_curves.py (0: none)")
+    curve_clips: int = option(64, "held-out clips of the --curve-every evaluations")
     order_test: bool = option(False, "also evaluate with each clip's frames reversed and shuffled (*_reversed, ...)")
     log_every: int = option(100, "print a log line every N steps")
     ckpt_every: int = option(None, "write OUT/ckpt.pt every N steps (and before each evaluation, at the end, Ctrl-C)")
@@ -110,8 +115,8 @@ class Options:
         pass
 
     # what --resume may change (nothing that changes the run's result), and also what --eval-only may
-    may_change_on_resume = {"steps", "log_every", "eval_every", "ckpt_every", "device", "compile", "checkpointing",
-                            "order_test", "out", "resume", "eval_only"}
+    may_change_on_resume = {"steps", "log_every", "eval_every", "ckpt_every", "curve_every", "curve_clips", "device",
+                            "compile", "checkpointing", "order_test", "out", "resume", "eval_only"}
     may_change_to_evaluate = {"eval_clips"}
 
 
@@ -501,6 +506,7 @@ def train(opts, Data=Synthetic):
         model.train()
         step_fn = distributed(objective, world, opts.compile)  # DDP under torchrun; torch.compile with --compile
         held = data.held_out() if rank == 0 else None
+        curve_held = held.first(opts.curve_clips) if rank == 0 else None  # what --curve-every evaluates on
         start = step = logged = folder.saved = ckpt.step
         if step >= opts.steps:
             raise BadInput(f"--steps {opts.steps}: the run in {opts.out} is at step {step} already")
@@ -546,6 +552,15 @@ def train(opts, Data=Synthetic):
                     if rank == 0:
                         last = report(folder, opts, model.cfg, step, metrics, data, clips_per_s=(step - start) * opts.batch
                                       / clock.training(), wall_s=clock.wall(), flops_per_clip=flops)
+                # a point of the learning curves, where no full evaluation runs (its row is the point there)
+                elif opts.curve_every and step % opts.curve_every == 0:
+                    stop_if_not_finite(first_bad, folder)
+                    if rank == 0:  # as the full evaluation: rank 0 alone, the others wait in the next collective
+                        with clock.paused():
+                            metrics, _ = evaluate(model, curve_held, data.tokens, autocast, ckpt.preprocess,
+                                                  ckpt.untrained, chunk=opts.batch // opts.accum)
+                        row = dict(kind="curve", step=step, task=opts.task, temporal=model.cfg.temporal, **metrics)
+                        append_line(folder.path / "metrics.jsonl", json.dumps(row))
         except KeyboardInterrupt:
             save_checkpoint(folder, ckpt, model, optimizer, scaler, step, first_bad)
             say(f"\ninterrupted at step {step}: saved {folder.ckpt}; --resume continues")
@@ -632,10 +647,10 @@ def save_checkpoint(folder, ckpt, model, optimizer, scaler, step, first_bad):
 
 @dataclass
 class Captions:
-    """Held-out captions, for VTM, MLM and retrieval."""
+    """Held-out captions, for VTM, MLM and retrieval, in clip order: clip i's before clip i + 1's."""
     ids: torch.Tensor  # (captions, l) token ids
     mask: torch.Tensor  # (captions, l) 1 = a real token
-    first: torch.Tensor  # (clips,) the caption VTM and MLM pair each clip with (one of its own)
+    first: torch.Tensor  # (clips,) each clip's first caption, the one VTM and MLM pair it with
     label: torch.Tensor  # (captions,) a caption belongs to the clips whose clip_label is its label
     clip_label: torch.Tensor  # (clips,) data files: the clip's index; synthetic: its caption's index in the bank
     text: torch.Tensor  # (captions,) which distinct text each caption is (VTM's wrong caption is another text)
@@ -670,6 +685,22 @@ class HeldOut:
     captions: Optional[Captions] = None  # pre-training: VTM, MLM, retrieval
     choices: dict = field(default_factory=dict)  # metric name -> Choices: multiple choice
     questions: Optional[Questions] = None  # open-ended QA
+
+    def first(self, n):
+        """The set of its first n clips: their captions (those before clip n's first), choices and questions."""
+        if n >= len(self.video):
+            return self
+        c = self.captions
+        if c is not None:
+            k = int(c.first[n])
+            c = Captions(c.ids[:k], c.mask[:k], c.first[:n], c.label[:k], c.clip_label[:n], c.text[:k],
+                         *(None if x is None else x[:n] for x in (c.swapped_ids, c.swapped_mask)))
+        choices = {name: Choices(*(x[s.clip < n] for x in (s.ids, s.mask, s.clip, s.answer)))
+                   for name, s in self.choices.items()}
+        q = self.questions
+        if q is not None:
+            q = Questions(*(x[q.clip < n] for x in (q.ids, q.mask, q.clip, q.answer, q.kind)), q.kinds)
+        return HeldOut(self.video[:n], c, choices, q)
 
 
 @torch.no_grad()
@@ -975,7 +1006,8 @@ def resumed_options(p, opts, given):
     fields = {f.name for f in dataclasses.fields(opts)}
     if saved["options"].get("data") and "data" not in fields:
         p.error(f"--resume: the run in {opts.out} trained on your videos: examples/train_videos.py --resume continues it")
-    saved = {k: v for k, v in saved["options"].items() if k in fields}
+    defaults = TASK_DEFAULTS.get(saved["options"].get("task"), {})  # of the options newer than the checkpoint
+    saved = {**defaults, **{k: v for k, v in saved["options"].items() if k in fields}}
     free = opts.may_change_on_resume | (opts.may_change_to_evaluate if opts.eval_only else set())
     for name, value in given.items():
         if name not in free and name in saved and value != saved[name]:
@@ -1012,9 +1044,9 @@ def check_options(p, o):
         value = getattr(o, name)
         need(value in allowed or (name, value) == ("temporal", ""),  # temporal "": the --init checkpoint's, else roll
              f"{flag(name)} must be {', '.join(allowed[:-1])} or {allowed[-1]}, not {value!r}")
-    for name in ("steps", "horizon", "log_every", "eval_every", "ckpt_every", "eval_clips", "accum"):
+    for name in ("steps", "horizon", "log_every", "eval_every", "ckpt_every", "eval_clips", "curve_clips", "accum"):
         need(getattr(o, name) >= 1, f"{flag(name)} must be at least 1, got {getattr(o, name)}")
-    for name in ("warmup", "frames", "image_size", "attention_heads", "fold_div"):
+    for name in ("warmup", "frames", "image_size", "attention_heads", "fold_div", "curve_every"):
         need(getattr(o, name) >= 0, f"{flag(name)} must be 0 or more, got {getattr(o, name)}")
     need(o.batch >= 2, "--batch must be at least 2 (VTM and multiple choice need two clips)")
     need(2 <= o.vtm_clips <= o.batch, "--vtm-clips must be between 2 and --batch")
