@@ -2146,6 +2146,32 @@ def test_show_rolling_draws_our_checkpoints_and_an_official_one_on_a_video(tmp_p
         script(rolling.main, [str(tmp_path / "nothing.pt"), "--out", str(tmp_path / "o")])
 
 
+def test_plot_curves_draws_each_run_in_each_panel_and_refuses_a_folder_without_metrics(tmp_path, capsys):
+    plot = example("plot_curves")
+    tt.train(tt.parse_options(QUICK + ["--steps", "2", "--curve-every", "1", "--temporal", "none", "--out",
+                                       str(tmp_path / "none")]))
+    row = dict(task="pretrain", temporal="roll", mc_acc=0.9)  # a longer run, by hand: curve rows, a full evaluation
+    other = write(tmp_path / "metrics.jsonl", "".join(json.dumps(dict(kind="curve", step=s, clips=8, **row, order_flip=s / 4,
+                                                                      vtm_acc_temporal=1 - s / 4)) + "\n" for s in (1, 2, 3))
+                  + json.dumps(dict(step=4, clips=16, **row, order_flip=1.0, vtm_acc_temporal=0.7)) + "\n")
+    capsys.readouterr()
+    script(plot.main, [str(tmp_path / "none"), str(other)])
+    out = capsys.readouterr().out
+    assert "none: 2 points up to step 2" in out and f"{tmp_path.name} roll: 4 points up to step 4" in out
+    with av.open(str(tmp_path / "none" / "curves.png")) as c:  # beside the first run
+        img = next(c.decode(video=0)).to_ndarray(format="rgb24")
+    assert img.shape == (plot.TOP + plot.H + plot.BOTTOM + 2 * plot.LEGEND + 8, 3 * (plot.LEFT + plot.W + plot.RIGHT), 3)
+    for panel in np.split(img[: plot.TOP + plot.H], 3, axis=1):
+        assert all((panel == colour).all(-1).sum() > 20 for colour in plot.COLOURS[:2])  # each run's line
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="empty: no metrics.jsonl"):
+        script(plot.main, [str(tmp_path / "empty")])
+    write(tmp_path / "empty" / "metrics.jsonl", json.dumps(dict(step=3, task="qa", qa_acc=0.5)) + "\n")
+    with pytest.raises(SystemExit, match="no rows with vtm_acc_temporal, mc_acc, order_flip"):
+        script(plot.main, [str(tmp_path / "none"), str(tmp_path / "empty"), "--out", str(tmp_path / "x.png")])
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_score_video_with_our_checkpoint_and_an_official_one(tmp_path, monkeypatch, official, capsys):
     score = example("score_video")
     tt.train(tt.parse_options(QUICK + ["--steps", "1", "--out", str(tmp_path / "run")]))
