@@ -56,6 +56,7 @@ class Config:
     contrastive_dim: int = 512
     video_pos_std: float = 0.02  # init std of the video position embedding (official 0.02)
     video_time_std: float = 0.0  # init std of the video time (temporal) embedding (official: zeros)
+    init_gain: float = 1.0  # Linear and conv weights at init: PyTorch's default times this (see AllInOne._init)
     num_answers: int = 0  # > 0 adds the open-ended QA classifier
     mc_head: bool = False  # adds the multiple-choice scorer (official rank_output)
     checkpointing: bool = False  # in training, keep only each block's input and recompute the rest in backward
@@ -87,10 +88,11 @@ PRESETS = {
     "tiny": dict(dim=192, depth=12, heads=3),  # 17.6M, All-in-one-Ti, from DeiT-Ti
     "small": dict(dim=384, depth=12, heads=6),  # 45.9M, All-in-one-S, from DeiT-S
     "base": dict(dim=768, depth=12, heads=12),  # 134.7M, All-in-one-B, from ViT-B/16
-    # trains in minutes on a laptop CPU (train_tiny.py): 32 px frames of 8 px patches, a small vocabulary, and video
-    # position embeddings as loud as the patches at this width, or the motion words come late (benchmarks/README.md)
-    "nano": dict(dim=64, depth=4, heads=4, frames=4, image_size=32, patch_size=8, max_text_len=16, vocab_size=64,
-                 video_pos_std=0.3, video_time_std=0.3),  # 0.3M
+    # trains in minutes on a laptop CPU (train_tiny.py): 3 frames (as the paper's fine-tuning) of 32 px in 8 px
+    # patches, a small vocabulary, video position embeddings as loud as the patches at this width, and weights of std
+    # 1/sqrt(fan_in), or the motion words come late (benchmarks/README.md)
+    "nano": dict(dim=64, depth=4, heads=4, frames=3, image_size=32, patch_size=8, max_text_len=16, vocab_size=64,
+                 video_pos_std=0.3, video_time_std=0.3, init_gain=3**0.5),  # 0.3M
 }
 
 # -----------------------------------------------------------------------------
@@ -258,7 +260,7 @@ class AllInOne(nn.Module):
             self.qa_head = nn.Sequential(nn.Dropout(0.5), nn.Linear(d, h), nn.LayerNorm(h), nn.GELU(), nn.Linear(h, cfg.num_answers))
         if cfg.mc_head:  # multiple choice: one score per (clip, option) pair
             self.mc_head = nn.Linear(d, 1)
-        self.apply(self._init)
+        self.apply(lambda m: self._init(m, cfg.init_gain))
         nn.init.trunc_normal_(self.video_embed.cls, std=0.02)
         nn.init.trunc_normal_(self.video_embed.pos, std=cfg.video_pos_std)
         if cfg.video_time_std:
@@ -267,9 +269,12 @@ class AllInOne(nn.Module):
             self.init_mc_head()
 
     @staticmethod
-    def _init(m):
-        # Linear and conv weights keep PyTorch's default, std 1/sqrt(3 fan_in): 0.021 at width 768, the official
-        # N(0, 0.02), and wider at small widths, where a fixed 0.02 stalls training from scratch (README).
+    def _init(m, gain):
+        # Linear and conv weights keep PyTorch's default, std 1/sqrt(3 fan_in), times gain: 0.021 at width 768 with
+        # gain 1, the official N(0, 0.02), and wider at small widths, where a fixed 0.02 stalls training from scratch
+        # (README)
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            m.weight.data.mul_(gain)
         if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
             nn.init.zeros_(m.bias)
         if isinstance(m, nn.Embedding):
@@ -511,11 +516,16 @@ def cosine_similarity(a, b):  # (m, k), (n, k) -> (m, n), in float32 even under 
         return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
 
 
-def contrastive_loss(text_emb, video_emb, temperature=0.05):
-    """Symmetric InfoNCE over cosine similarities: row i of text and of video are a pair. (b, k), (b, k) -> scalar"""
+def contrastive_loss(text_emb, video_emb, temperature=0.05, labels=None):
+    """Symmetric InfoNCE over cosine similarities: row i of text and of video are a pair. (b, k), (b, k) -> scalar.
+    With labels (b,), rows of one label are all pairs (several clips of one caption): each row's loss is -log the
+    summed probability of its pairs, so no pair is pushed apart as a negative."""
     logits = cosine_similarity(text_emb, video_emb) / temperature  # (b, b)
-    target = torch.arange(len(logits), device=logits.device)
-    return F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)
+    if labels is None:
+        target = torch.arange(len(logits), device=logits.device)
+        return F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)
+    pairs = labels[:, None] == labels[None, :]  # symmetric, so it serves both directions
+    return sum((x.logsumexp(1) - x.masked_fill(~pairs, -math.inf).logsumexp(1)).mean() for x in (logits, logits.T))
 
 
 # -----------------------------------------------------------------------------

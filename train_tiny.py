@@ -49,7 +49,7 @@ from allinone import (
 
 TASKS = ("pretrain", "mc", "qa")
 TASK_DEFAULTS = {  # options whose default depends on --task: pre-training from scratch, or fine-tuning a start point
-    "pretrain": dict(steps=1800, horizon=1800, batch=128, lr=2e-3, warmup=100, eval_every=600, ckpt_every=600,
+    "pretrain": dict(steps=1000, horizon=1000, batch=128, lr=2e-3, warmup=100, eval_every=500, ckpt_every=500,
                      curve_every=100),
     # fine-tuning: short runs whose full evaluations (every 100 or 300 steps) are their curve
     "mc": dict(steps=300, horizon=300, batch=32, lr=5e-4, warmup=30, eval_every=100, ckpt_every=100, curve_every=0),
@@ -83,10 +83,12 @@ class Options:
     weight_decay: float = option(0.01, "AdamW weight decay (not of biases and LayerNorms, as the official code)")
     warmup: int = option(None, "linear warm-up steps, then cosine decay to 10%% over --horizon")
     clip_grad: float = option(1.0, "gradient-norm clipping")
-    temperature: float = option(0.05, "contrastive temperature (official: 0.05)")
+    temperature: float = option(0.02, "contrastive temperature (official: 0.05, examples/train_videos.py's default)")
+    bank_weight: float = option(2.0, "weight of the synthetic caption-bank loss (each clip picks its caption among "
+                                     "all 72)")
     vtm_clips: int = option(32, "clips per step in the VTM pass (the contrastive passes take the whole batch)")
     mlm_clips: int = option(8, "clips per step in the separate MLM pass (0: no MLM)")
-    curriculum: float = option(0.75, "share of --horizon whose VTM mismatches mostly differ only in the time words")
+    curriculum: float = option(0.6, "share of --horizon whose VTM mismatches mostly differ only in the time words")
     temporal_negatives: float = option(0.8, "share of VTM mismatches differing only in time words (half after "
                                             "--curriculum)")
     seed: int = option(0, "seed of data, initialisation and masking")
@@ -269,9 +271,9 @@ class Pretrain(nn.Module):
 
     trains = ("vtm_head", "mlm_head", "text_proj", "video_proj")
 
-    def __init__(self, model, temperature):
+    def __init__(self, model, temperature, bank_weight=1.0):
         super().__init__()
-        self.model, self.temperature = model, temperature
+        self.model, self.temperature, self.weights = model, temperature, dict(bank=bank_weight)
 
     def forward(self, batch):
         m, out = self.model, {}
@@ -289,11 +291,12 @@ class Pretrain(nn.Module):
         # Contrastive (unimodal passes): the video alone against the texts alone
         video = m.video_proj(m.encode_video(batch["video"]).video[:, 0])  # (b, contrastive_dim)
         text = m.text_proj(m.encode_text(batch["text_ids"], batch["text_mask"]).text[:, 0])
+        labels = None
         if "bank_targets" in batch:  # text holds every caption there is: each clip must pick its own among all
             out["bank"] = F.cross_entropy(cosine_similarity(video, text) / self.temperature, batch["bank_targets"])
-            text = text[batch["bank_targets"]]
-        out["itc"] = contrastive_loss(gather(text), gather(video), self.temperature)  # gather: every process's rows
-        out["loss"] = sum(value for name, value in out.items() if not name.endswith("_acc"))
+            text, labels = text[batch["bank_targets"]], gather(batch["bank_targets"])  # clips of one caption: pairs
+        out["itc"] = contrastive_loss(gather(text), gather(video), self.temperature, labels)  # gather: every process's
+        out["loss"] = sum(self.weights.get(name, 1.0) * value for name, value in out.items() if not name.endswith("_acc"))
         return out
 
 
@@ -334,7 +337,7 @@ def objective_for(opts, model):
         return MultipleChoice(model)
     if opts.task == "qa":
         return OpenQA(model)
-    return Pretrain(model, opts.temperature)
+    return Pretrain(model, opts.temperature, opts.bank_weight)
 
 
 class GatherRows(torch.autograd.Function):
@@ -423,8 +426,12 @@ class Synthetic:
                      text_ids=self.bank_ids, text_mask=self.bank_mask, bank_targets=captions)
         if opts.mlm_clips:  # the MLM pass: the first clips' own captions, masked
             ids, mask = self.bank_ids[captions[: opts.mlm_clips]], self.bank_mask[captions[: opts.mlm_clips]]
-            batch["mlm_ids"], batch["mlm_labels"] = self.tokens.mask_words(ids, mask, self.cfg.vocab_size, g)
-            batch["mlm_mask"] = mask
+            masked, labels = self.tokens.mask_words(ids, mask, self.cfg.vocab_size, g)
+            # and every caption's time word (its last token): only the order of the frames tells it, so the
+            # joint pass learns to read time from the first steps instead of waiting for VTM's time mismatches
+            rows, last = torch.arange(len(ids)), mask.sum(1) - 2
+            masked[rows, last], labels[rows, last] = self.tokens.mask_id, ids[rows, last]
+            batch["mlm_ids"], batch["mlm_labels"], batch["mlm_mask"] = masked, labels, mask
         return batch
 
     def option_sets(self, captions, time_only, g):
@@ -1054,7 +1061,8 @@ def check_options(p, o):
     for name in ("lr", "clip_grad", "temperature"):
         need(finite(getattr(o, name)) and getattr(o, name) > 0, f"{flag(name)} must be a positive number, got "
                                                                 f"{getattr(o, name)}")
-    need(finite(o.weight_decay) and o.weight_decay >= 0, f"--weight-decay must be 0 or more, got {o.weight_decay}")
+    for name in ("weight_decay", "bank_weight"):
+        need(finite(getattr(o, name)) and getattr(o, name) >= 0, f"{flag(name)} must be 0 or more, got {getattr(o, name)}")
     need(finite(o.dropout) and 0 <= o.dropout < 1, f"--dropout must be in [0, 1), got {o.dropout}")
     for name in ("curriculum", "temporal_negatives"):
         need(finite(getattr(o, name)) and 0 <= getattr(o, name) <= 1,

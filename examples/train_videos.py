@@ -51,6 +51,7 @@ class VideoOptions(tt.Options):
     workers: int = option(2, "DataLoader processes decoding clips (0: in the main process)")
     shuffle_buffer: int = option(100, "WebDataset shards: samples each shard reader shuffles among (1: shard order)")
     max_bad_share: float = option(0.1, "stop when more than this share of clips fail to load")
+    temperature: float = option(0.05, "contrastive temperature (the official one)")
     samples: int = option(0, "write OUT/samples.png of training clips (synthetic: also this many clips as videos with "
                              "data files); stop")
 
