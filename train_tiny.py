@@ -87,7 +87,7 @@ class Options:
     bank_weight: float = option(2.0, "weight of the synthetic caption-bank loss (each clip picks its caption among "
                                      "all 72)")
     vtm_clips: int = option(32, "clips per step in the VTM pass (the contrastive passes take the whole batch)")
-    mlm_clips: int = option(8, "clips per step in the separate MLM pass (0: no MLM)")
+    mlm_clips: int = option(32, "clips per step in the separate MLM pass (0: no MLM)")
     curriculum: float = option(0.6, "share of --horizon whose VTM mismatches mostly differ only in the time words")
     temporal_negatives: float = option(0.8, "share of VTM mismatches differing only in time words (half after "
                                             "--curriculum)")
