@@ -49,7 +49,7 @@ from allinone import (
 
 TASKS = ("pretrain", "mc", "qa")
 TASK_DEFAULTS = {  # options whose default depends on --task: pre-training from scratch, or fine-tuning a start point
-    "pretrain": dict(steps=1000, horizon=1000, batch=128, lr=2e-3, warmup=100, eval_every=500, ckpt_every=500,
+    "pretrain": dict(steps=1200, horizon=1200, batch=128, lr=2e-3, warmup=100, eval_every=600, ckpt_every=600,
                      curve_every=100),
     # fine-tuning: short runs whose full evaluations (every 100 or 300 steps) are their curve
     "mc": dict(steps=300, horizon=300, batch=32, lr=5e-4, warmup=30, eval_every=100, ckpt_every=100, curve_every=0),
