@@ -930,7 +930,7 @@ def test_mc_option_sets_hold_the_answer_and_the_right_kind_of_distractors():
 def test_held_out_is_new_compact_and_complete_for_each_task():
     opts, cfg, text, model, data = tiny_setup(eval_clips=24)
     held = data.held_out()
-    assert held.video.dtype == torch.uint8 and held.video.shape == (24, 3, 3, 32, 32)
+    assert held.video.dtype == torch.uint8 and held.video.shape == (24, 4, 3, 32, 32)
     train_video = ((data.batch(0)["video"] + 1) * 127.5).round().to(torch.uint8)
     assert not any(torch.equal(v, w) for v in held.video for w in train_video)  # new renders, not training clips
     bank = {tuple(row.tolist()): j for j, row in enumerate(data.bank_ids)}
@@ -1599,12 +1599,12 @@ def test_samples_write_the_synthetic_world_as_lossless_videos_and_data_files(tmp
     tv.write_samples(tt.parse_options(["--samples", "75", "--out", str(tmp_path)], tv.VideoOptions))
     with av.open(str(tmp_path / "samples.png")) as c:
         frame = next(c.decode(video=0))
-    assert (frame.width, frame.height) == (4 * 3 * 33, 72 * 4 * 32)  # 3 frames and a line after each; 72 clips at most
+    assert (frame.width, frame.height) == (4 * 4 * 33, 72 * 4 * 32)  # 4 frames and a line after each; 72 clips at most
     assert len((tmp_path / "samples.txt").read_text().splitlines()) == 72
     captions, video = tv.new_clips(Config.preset("nano"), 75)
     assert captions.tolist() == [k % 72 for k in range(75)]
     for k in (0, 41, 74):  # every decoded pixel as rendered
-        assert torch.equal(tv.decode_clip(tmp_path / "clips" / f"clip{k:05d}.mp4", 3, 32), video[k])
+        assert torch.equal(tv.decode_clip(tmp_path / "clips" / f"clip{k:05d}.mp4", 4, 32), video[k])
     kind, rows = tv.read_rows(tmp_path / "captions.csv")
     assert kind == "captions" and [r["caption"] for r in rows] == [tt.caption_text(k % 72) for k in range(75)]
     assert rows[74]["video"] == str(tmp_path / "clips" / "clip00074.mp4")
@@ -2151,14 +2151,14 @@ def test_show_rolling_draws_our_checkpoints_and_an_official_one_on_a_video(tmp_p
     out = capsys.readouterr().out
     with av.open(str(tmp_path / "pic" / "rolling.png")) as c:
         frame = next(c.decode(video=0))
-    assert frame.width > 2 * 4 * (3 * 128) and frame.height > 12 * 128  # 2 columns of 4 blocks of 3 frames; 6 clips x 2 words
+    assert frame.width > 2 * 4 * (4 * 128) and frame.height > 12 * 128  # 2 columns of 4 blocks; 6 clips x 2 words
     assert out.count("block 0: 25% of the patch slots hold travelled tokens") == 1  # roll: 2 + 2 of 16 each way
     assert out.count("block 0: 0% of the patch slots") == 1  # none: nothing travels
     roll_block0 = next(line for line in out.splitlines() if "block 0: 25%" in line)
     on_travelled, on_filled = roll_block0.split("on them: ")[1].split("; on the slots rolling fills (25%): ")
     assert on_travelled == on_filled  # at block 0 the slots rolling fills hold exactly the tokens that travelled
     none_rows = out.split("none/ckpt.pt")[1].split("block 1")[0].split("(rows i): ")[1].split(" | ")
-    assert [[float(v) for v in r.split()] for r in none_rows] == [[float(i == j) for j in range(3)] for i in range(3)]
+    assert [[float(v) for v in r.split()] for r in none_rows] == [[float(i == j) for j in range(4)] for i in range(4)]
     ckpt, vocab = official_files(tmp_path, monkeypatch, official, ["a red ball rolls"])
     make_video(tmp_path / "v.mp4", n=20, w=80, h=60)
     code = script(rolling.main, [str(ckpt), "--vocab", str(vocab), "--video", str(tmp_path / "v.mp4"), "--caption",

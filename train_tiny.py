@@ -49,7 +49,7 @@ from allinone import (
 
 TASKS = ("pretrain", "mc", "qa")
 TASK_DEFAULTS = {  # options whose default depends on --task: pre-training from scratch, or fine-tuning a start point
-    "pretrain": dict(steps=1200, horizon=1200, batch=128, lr=2e-3, warmup=100, eval_every=600, ckpt_every=600,
+    "pretrain": dict(steps=1200, horizon=1500, batch=128, lr=2e-3, warmup=100, eval_every=600, ckpt_every=600,
                      curve_every=100),
     # fine-tuning: short runs whose full evaluations (every 100 or 300 steps) are their curve
     "mc": dict(steps=300, horizon=300, batch=32, lr=5e-4, warmup=30, eval_every=100, ckpt_every=100, curve_every=0),
@@ -84,10 +84,8 @@ class Options:
     warmup: int = option(None, "linear warm-up steps, then cosine decay to 10%% over --horizon")
     clip_grad: float = option(1.0, "gradient-norm clipping")
     temperature: float = option(0.02, "contrastive temperature (official: 0.05, examples/train_videos.py's default)")
-    bank_weight: float = option(2.0, "weight of the synthetic caption-bank loss (each clip picks its caption among "
-                                     "all 72)")
     vtm_clips: int = option(32, "clips per step in the VTM pass (the contrastive passes take the whole batch)")
-    mlm_clips: int = option(32, "clips per step in the separate MLM pass (0: no MLM)")
+    mlm_clips: int = option(8, "clips per step in the separate MLM pass (0: no MLM)")
     curriculum: float = option(0.6, "share of --horizon whose VTM mismatches mostly differ only in the time words")
     temporal_negatives: float = option(0.8, "share of VTM mismatches differing only in time words (half after "
                                             "--curriculum)")
@@ -271,9 +269,9 @@ class Pretrain(nn.Module):
 
     trains = ("vtm_head", "mlm_head", "text_proj", "video_proj")
 
-    def __init__(self, model, temperature, bank_weight=1.0):
+    def __init__(self, model, temperature):
         super().__init__()
-        self.model, self.temperature, self.weights = model, temperature, dict(bank=bank_weight)
+        self.model, self.temperature = model, temperature
 
     def forward(self, batch):
         m, out = self.model, {}
@@ -296,7 +294,7 @@ class Pretrain(nn.Module):
             out["bank"] = F.cross_entropy(cosine_similarity(video, text) / self.temperature, batch["bank_targets"])
             text, labels = text[batch["bank_targets"]], gather(batch["bank_targets"])  # clips of one caption: pairs
         out["itc"] = contrastive_loss(gather(text), gather(video), self.temperature, labels)  # gather: every process's
-        out["loss"] = sum(self.weights.get(name, 1.0) * value for name, value in out.items() if not name.endswith("_acc"))
+        out["loss"] = sum(value for name, value in out.items() if not name.endswith("_acc"))
         return out
 
 
@@ -337,7 +335,7 @@ def objective_for(opts, model):
         return MultipleChoice(model)
     if opts.task == "qa":
         return OpenQA(model)
-    return Pretrain(model, opts.temperature, opts.bank_weight)
+    return Pretrain(model, opts.temperature)
 
 
 class GatherRows(torch.autograd.Function):
@@ -1061,8 +1059,7 @@ def check_options(p, o):
     for name in ("lr", "clip_grad", "temperature"):
         need(finite(getattr(o, name)) and getattr(o, name) > 0, f"{flag(name)} must be a positive number, got "
                                                                 f"{getattr(o, name)}")
-    for name in ("weight_decay", "bank_weight"):
-        need(finite(getattr(o, name)) and getattr(o, name) >= 0, f"{flag(name)} must be 0 or more, got {getattr(o, name)}")
+    need(finite(o.weight_decay) and o.weight_decay >= 0, f"--weight-decay must be 0 or more, got {o.weight_decay}")
     need(finite(o.dropout) and 0 <= o.dropout < 1, f"--dropout must be in [0, 1), got {o.dropout}")
     for name in ("curriculum", "temporal_negatives"):
         need(finite(getattr(o, name)) and 0 <= getattr(o, name) <= 1,
