@@ -27,21 +27,21 @@ part() {
   grep -E "^(eval|done|error|wrote)|Error" "$out/$name.log" | tail -n 3 | cut -c 1-400 | sed 's/^/    /' >> "$results"
 }
 
-tiny() { $py train_tiny.py --device cuda --log-every 20 "$@"; }
-videos() { $py examples/train_videos.py --device cuda --log-every 20 "$@"; }
+tiny=("$py" train_tiny.py --device cuda --log-every 20)  # (timeout runs programs, not shell functions)
+videos=("$py" examples/train_videos.py --device cuda --log-every 20)
 say "$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>&1 | head -n 1); torch $($py -c 'import torch; print(torch.__version__, torch.version.cuda)')"
-part train 120 tiny --steps 60 --eval-every 60 --eval-clips 128 --out "$out/run" --restart
-part resume 120 tiny --steps 90 --eval-every 30 --eval-clips 128 --out "$out/run" --resume
+part train 120 "${tiny[@]}" --steps 60 --eval-every 60 --eval-clips 128 --out "$out/run" --restart
+part resume 120 "${tiny[@]}" --steps 90 --eval-every 30 --eval-clips 128 --out "$out/run" --resume
 part resume_on_cpu 120 $py train_tiny.py --device cpu --steps 100 --eval-every 100 --eval-clips 128 --out "$out/run" --resume
-part fp16 120 tiny --precision fp16 --steps 40 --eval-every 40 --eval-clips 128 --out "$out/fp16" --restart
+part fp16 120 "${tiny[@]}" --precision fp16 --steps 40 --eval-every 40 --eval-clips 128 --out "$out/fp16" --restart
 part torchrun_nccl 120 $py -m torch.distributed.run --standalone --nproc_per_node=1 train_tiny.py --device cuda \
   --steps 40 --eval-every 40 --eval-clips 128 --out "$out/torchrun" --restart
-part fine_tune_mc 120 tiny --task mc --init "$out/run/ckpt.pt" --steps 20 --eval-every 20 --out "$out/mc" --restart
-part default 600 tiny --restart --out "$out/default"
+part fine_tune_mc 120 "${tiny[@]}" --task mc --init "$out/run/ckpt.pt" --steps 20 --eval-every 20 --out "$out/mc" --restart
+part default 600 "${tiny[@]}" --restart --out "$out/default"
 part videos_world 120 $py examples/train_videos.py --samples 72 --out "$out/world" --restart
-part videos_train 120 videos --data "$out/world/captions.csv" --val-data "$out/world/mc.jsonl" --workers 2 --steps 20 \
+part videos_train 120 "${videos[@]}" --data "$out/world/captions.csv" --val-data "$out/world/mc.jsonl" --workers 2 --steps 20 \
   --eval-every 20 --out "$out/videos" --restart
-part compile 300 tiny --compile --steps 60 --eval-every 60 --eval-clips 128 --out "$out/compile" --restart
+part compile 300 "${tiny[@]}" --compile --steps 60 --eval-every 60 --eval-clips 128 --out "$out/compile" --restart
 for s in 0 1 2; do
   for mode in roll none flatten; do
     OMP_NUM_THREADS=1 timeout 900 $py train_tiny.py --device cuda --restart --out "$out/$mode-s$s" --seed $s \
