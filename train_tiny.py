@@ -293,7 +293,7 @@ class Pretrain(nn.Module):
         if "bank_targets" in batch:  # text holds every caption there is: each clip must pick its own among all
             out["bank"] = F.cross_entropy(cosine_similarity(video, text) / self.temperature, batch["bank_targets"])
             text, labels = text[batch["bank_targets"]], gather(batch["bank_targets"])  # clips of one caption: pairs
-        out["itc"] = contrastive_loss(gather(text), gather(video), self.temperature, labels)  # gather: every process's
+        out["itc"] = contrastive_loss(gather(text), gather(video), self.temperature, labels)  # gather: all processes
         out["loss"] = sum(value for name, value in out.items() if not name.endswith("_acc"))
         return out
 
