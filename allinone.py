@@ -275,8 +275,8 @@ class AllInOne(nn.Module):
         # (README)
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             m.weight.data.mul_(gain)
-        if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
         if isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
 
