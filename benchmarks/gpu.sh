@@ -49,6 +49,9 @@ for s in 0 1 2; do
   done
 done
 wait
-for f in "$out"/*-s?.log; do say "$f: $(grep "^eval step 1200" "$f" | cut -c 1-300 || echo 'no evaluation at step 1200 (see the log)')"; done
+for f in "$out"/*-s?.log; do  # each run's last evaluation, whatever the default's steps
+  last=$(grep "^eval step" "$f" | tail -n 1 | cut -c 1-300)
+  say "$f: ${last:-no evaluation (see the log)}"
+done
 part model_speed_bf16 300 $py benchmarks/model_speed.py --device cuda --dtype bfloat16 --min-time 1
 cat "$out/model_speed_bf16.log" >> "$results"
